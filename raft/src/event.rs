@@ -1,0 +1,111 @@
+//! The events of the replicated log. The log is the audit trail: every fact a failover depends on
+//! is one of these, committed by a majority before any node acts on it.
+//!
+//! **On-disk API.** Entries are stored and shipped with bincode, which identifies an enum variant
+//! by its position. Only ever *append* variants (and fields only in a new variant); never reorder,
+//! rename into a different meaning, or remove one. `storage` wraps every record in a versioned
+//! envelope so that a future format change has somewhere to go.
+
+use serde::{Deserialize, Serialize};
+
+use crate::types::NodeId;
+
+/// The role a node is registered with. Which node *is* the primary is decided by the committed
+/// state (`ClusterState::primary`), not by this field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PgRole {
+    Primary,
+    Standby,
+}
+
+/// A database node joining the cluster (repmgr's `primary register` / `standby register`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRegistration {
+    pub node_id: NodeId,
+    pub name: String,
+    pub role: PgRole,
+    /// The node this standby streams from, if any.
+    pub upstream: Option<NodeId>,
+    /// The node agent's HTTP API, `host:port`.
+    pub api_addr: String,
+    /// The libpq conninfo peers use to reach this node's PostgreSQL.
+    pub pg_conninfo: String,
+    /// Higher wins among candidates with the same LSN.
+    pub priority: u32,
+    /// Never promote this node.
+    pub nofailover: bool,
+    /// Never make this node a synchronous standby.
+    pub nosync: bool,
+}
+
+/// What one agent saw of one node's PostgreSQL. Recorded when something changes and as a bounded
+/// periodic summary, never on every probe.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Observation {
+    pub observer: NodeId,
+    pub subject: NodeId,
+    pub reachable: bool,
+    pub in_recovery: Option<bool>,
+    pub timeline: Option<u32>,
+    /// On a primary its current WAL insert LSN; on a standby the last LSN received.
+    pub lsn: Option<u64>,
+    pub replayed_lsn: Option<u64>,
+    pub lag_bytes: Option<u64>,
+}
+
+/// How the decision engine judged one candidate for promotion.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CandidateAssessment {
+    pub node_id: NodeId,
+    pub lsn: Option<u64>,
+    pub priority: u32,
+    pub eligible: bool,
+    /// Why it won, lost or was not eligible.
+    pub why: String,
+}
+
+/// The Raft leader's decision to promote `candidate`. Compare-and-set: it takes effect only if the
+/// cluster is still at `decided_for_generation`; then the generation becomes
+/// `decided_for_generation + 1`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromotionDecision {
+    pub decided_for_generation: u64,
+    pub candidate: NodeId,
+    pub reason: String,
+    pub candidates: Vec<CandidateAssessment>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Event {
+    NodeRegistered(NodeRegistration),
+    NodeUnregistered { node_id: NodeId, reason: String },
+    HealthObserved(Observation),
+    /// The primary's agent renewing its lease for `generation`.
+    LeaseRenewed { primary: NodeId, generation: u64 },
+    PromotionDecided(PromotionDecision),
+}
+
+impl Event {
+    /// A short type name, for filters and tables.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Event::NodeRegistered(_) => "NodeRegistered",
+            Event::NodeUnregistered { .. } => "NodeUnregistered",
+            Event::HealthObserved(_) => "HealthObserved",
+            Event::LeaseRenewed { .. } => "LeaseRenewed",
+            Event::PromotionDecided(_) => "PromotionDecided",
+        }
+    }
+
+    /// The node the event is about.
+    pub fn subject(&self) -> NodeId {
+        match self {
+            Event::NodeRegistered(r) => r.node_id,
+            Event::NodeUnregistered { node_id, .. } => *node_id,
+            Event::HealthObserved(o) => o.subject,
+            Event::LeaseRenewed { primary, .. } => *primary,
+            Event::PromotionDecided(d) => d.candidate,
+        }
+    }
+}

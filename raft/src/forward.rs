@@ -1,0 +1,210 @@
+//! Requests that only the Raft leader can carry out — proposing an event, changing membership —
+//! and the [`Proposer`] that sends them to the leader from any member.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::ChangeMembers;
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use crate::event::Event;
+use crate::network::{RpcClient, RpcFailure, PATH_FORWARD};
+use crate::types::{Applied, Member, NodeId, Raft};
+
+/// How long to wait between attempts while no leader is known.
+const NO_LEADER_RETRY: Duration = Duration::from_millis(50);
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Request {
+    Propose(Event),
+    /// Add a member as a learner, wait until it has caught up, then (if `voter`) make it a voter.
+    AddMember {
+        node_id: NodeId,
+        member: Member,
+        voter: bool,
+    },
+    RemoveMember {
+        node_id: NodeId,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Reply {
+    Applied(Applied),
+    MembershipChanged { log_index: u64 },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, thiserror::Error)]
+pub enum ForwardError {
+    /// This member is not the leader; `leader` is where to go, when known.
+    #[error("not the Raft leader; the leader is {}", describe_leader(.leader))]
+    NotLeader { leader: Option<(NodeId, Member)> },
+    /// The request cannot be carried out as asked (a client mistake).
+    #[error("{0}")]
+    Refused(String),
+    /// It may or may not have been carried out (a timeout, a lost connection, a fatal error).
+    #[error("{0}")]
+    Failed(String),
+}
+
+fn describe_leader(leader: &Option<(NodeId, Member)>) -> String {
+    match leader {
+        Some((id, member)) => format!("node {id} ({member})"),
+        None => "not known yet".to_string(),
+    }
+}
+
+fn from_write_error(e: RaftError<NodeId, ClientWriteError<NodeId, Member>>) -> ForwardError {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => ForwardError::NotLeader {
+            leader: f.leader_id.zip(f.leader_node),
+        },
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+            ForwardError::Refused(e.to_string())
+        }
+        RaftError::Fatal(e) => ForwardError::Failed(format!("Raft stopped: {e}")),
+    }
+}
+
+/// Carries out `request` on this member, which must be the leader.
+pub async fn execute_locally(raft: &Raft, request: Request) -> Result<Reply, ForwardError> {
+    match request {
+        Request::Propose(event) => {
+            let response = raft.client_write(event).await.map_err(from_write_error)?;
+            Ok(Reply::Applied(response.data))
+        }
+        Request::AddMember {
+            node_id,
+            member,
+            voter,
+        } => {
+            let mut response = raft
+                .add_learner(node_id, member, true)
+                .await
+                .map_err(from_write_error)?;
+            if voter {
+                response = raft
+                    .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([node_id])), false)
+                    .await
+                    .map_err(from_write_error)?;
+            }
+            Ok(Reply::MembershipChanged {
+                log_index: response.log_id.index,
+            })
+        }
+        Request::RemoveMember { node_id } => {
+            let membership = raft.metrics().borrow().membership_config.clone();
+            let is_voter = membership.voter_ids().any(|id| id == node_id);
+            let is_member = membership.nodes().any(|(id, _)| *id == node_id);
+            let change = if is_voter {
+                ChangeMembers::RemoveVoters(BTreeSet::from([node_id]))
+            } else if is_member {
+                ChangeMembers::RemoveNodes(BTreeSet::from([node_id]))
+            } else {
+                return Err(ForwardError::Refused(format!(
+                    "node {node_id} is not a member"
+                )));
+            };
+            if is_voter && membership.voter_ids().count() == 1 {
+                return Err(ForwardError::Refused(format!(
+                    "node {node_id} is the only voter; removing it would leave no cluster"
+                )));
+            }
+            let response = raft
+                .change_membership(change, false)
+                .await
+                .map_err(from_write_error)?;
+            Ok(Reply::MembershipChanged {
+                log_index: response.log_id.index,
+            })
+        }
+    }
+}
+
+/// Sends leader-only requests to wherever the leader is, from any member.
+#[derive(Clone)]
+pub struct Proposer {
+    raft: Raft,
+    rpc: RpcClient,
+    timeout: Duration,
+}
+
+impl Proposer {
+    pub fn new(raft: Raft, rpc: RpcClient, timeout: Duration) -> Self {
+        Proposer { raft, rpc, timeout }
+    }
+
+    pub async fn propose(&self, event: Event) -> Result<Applied, ForwardError> {
+        match self.submit(Request::Propose(event)).await? {
+            Reply::Applied(applied) => Ok(applied),
+            Reply::MembershipChanged { .. } => unreachable!("a proposal is answered by Applied"),
+        }
+    }
+
+    /// Carries out `request` on the leader. Retries only where the request certainly was not
+    /// carried out (no leader known, a refused connection, "not the leader"), so that nothing is
+    /// proposed twice by this function.
+    pub async fn submit(&self, request: Request) -> Result<Reply, ForwardError> {
+        let deadline = Instant::now() + self.timeout;
+        let mut leader: Option<(NodeId, Member)> = None;
+        loop {
+            let result = match &leader {
+                Some((id, member)) if *id != self.raft_id() => {
+                    let remaining = deadline.saturating_duration_since(Instant::now());
+                    match self
+                        .rpc
+                        .post::<_, Result<Reply, ForwardError>>(
+                            &member.raft_addr,
+                            PATH_FORWARD,
+                            &request,
+                            remaining.max(Duration::from_millis(1)),
+                        )
+                        .await
+                    {
+                        Ok(answer) => answer,
+                        Err(RpcFailure::Unreachable { .. }) => {
+                            Err(ForwardError::NotLeader { leader: None })
+                        }
+                        Err(RpcFailure::Failed(e)) => Err(ForwardError::Failed(format!(
+                            "forwarding to the leader, node {id}: {e}; the outcome is unknown"
+                        ))),
+                    }
+                }
+                _ => execute_locally(&self.raft, request.clone()).await,
+            };
+            match result {
+                Err(ForwardError::NotLeader { leader: hint }) => {
+                    if Instant::now() >= deadline {
+                        return Err(ForwardError::Failed(format!(
+                            "no Raft leader answered within {:?}",
+                            self.timeout
+                        )));
+                    }
+                    if hint.is_none() || hint == leader {
+                        tokio::time::sleep(NO_LEADER_RETRY).await;
+                    }
+                    leader = hint;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn raft_id(&self) -> NodeId {
+        self.raft.metrics().borrow().id
+    }
+}
+
+/// The members of the current membership config: voters and learners, with their addresses.
+pub fn members(raft: &Raft) -> (BTreeSet<NodeId>, BTreeMap<NodeId, Member>) {
+    let metrics = raft.metrics().borrow().clone();
+    let membership = metrics.membership_config.membership();
+    let voters = membership.voter_ids().collect();
+    let nodes = membership
+        .nodes()
+        .map(|(id, member)| (*id, member.clone()))
+        .collect();
+    (voters, nodes)
+}

@@ -1,0 +1,186 @@
+//! The Raft RPC client: append-entries, vote and install-snapshot as HTTP POSTs with bincode
+//! bodies. Each request carries the cluster secret and a deadline; connections are pooled and
+//! re-established by reqwest on demand, so a peer that restarts is simply reached again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::codec;
+use crate::types::{Member, NodeId, TypeConfig};
+use crate::SECRET_HEADER;
+
+pub const PATH_APPEND_ENTRIES: &str = "/raft/append-entries";
+pub const PATH_VOTE: &str = "/raft/vote";
+pub const PATH_INSTALL_SNAPSHOT: &str = "/raft/install-snapshot";
+pub const PATH_FORWARD: &str = "/raft/forward";
+
+/// How long to wait for a TCP connection to a peer before calling it unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// An HTTP client for Raft RPCs to any member, holding the cluster secret.
+#[derive(Clone)]
+pub struct RpcClient {
+    http: reqwest::Client,
+    secret: Arc<str>,
+}
+
+/// Why an RPC got no answer from the peer's Raft.
+#[derive(Debug, thiserror::Error)]
+pub enum RpcFailure {
+    /// No connection could be made: the peer is down or cut off.
+    #[error("cannot reach {addr}: {source}")]
+    Unreachable {
+        addr: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    /// A connection was made but the exchange failed (timeout, refusal, bad body).
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl RpcClient {
+    pub fn new(secret: impl Into<Arc<str>>) -> Self {
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build()
+            .expect("a plain HTTP client always builds");
+        RpcClient {
+            http,
+            secret: secret.into(),
+        }
+    }
+
+    /// POSTs `body` (bincode) to `http://{addr}{path}` and decodes the bincode answer.
+    pub async fn post<Req, Resp>(
+        &self,
+        addr: &str,
+        path: &str,
+        body: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, RpcFailure>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+    {
+        let url = format!("http://{addr}{path}");
+        let response = self
+            .http
+            .post(&url)
+            .header(SECRET_HEADER, &*self.secret)
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(codec::encode(body))
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|source| {
+                if source.is_connect() {
+                    RpcFailure::Unreachable {
+                        addr: addr.to_string(),
+                        source,
+                    }
+                } else {
+                    RpcFailure::Failed(format!("POST {url}: {source}"))
+                }
+            })?;
+        let status = response.status();
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| RpcFailure::Failed(format!("POST {url}: reading the answer: {e}")))?;
+        if !status.is_success() {
+            let text = String::from_utf8_lossy(&bytes);
+            return Err(RpcFailure::Failed(format!(
+                "POST {url}: {status}: {}",
+                text.trim()
+            )));
+        }
+        codec::decode("RPC answer", &bytes)
+            .map_err(|e| RpcFailure::Failed(format!("POST {url}: {e}")))
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for RpcClient {
+    type Network = PeerConnection;
+
+    async fn new_client(&mut self, target: NodeId, node: &Member) -> PeerConnection {
+        PeerConnection {
+            client: self.clone(),
+            target,
+            addr: node.raft_addr.clone(),
+        }
+    }
+}
+
+/// The connection openraft uses to replicate to one member.
+pub struct PeerConnection {
+    client: RpcClient,
+    target: NodeId,
+    addr: String,
+}
+
+impl PeerConnection {
+    async fn call<Req, Resp, E>(
+        &self,
+        path: &str,
+        request: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, Member, RaftError<NodeId, E>>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let answer: Result<Resp, RaftError<NodeId, E>> = self
+            .client
+            .post(&self.addr, path, request, option.hard_ttl())
+            .await
+            .map_err(|failure| match &failure {
+                RpcFailure::Unreachable { .. } => RPCError::Unreachable(Unreachable::new(&failure)),
+                RpcFailure::Failed(_) => RPCError::Network(NetworkError::new(&failure)),
+            })?;
+        answer.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerConnection {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
+        self.call(PATH_APPEND_ENTRIES, &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, Member, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        self.call(PATH_INSTALL_SNAPSHOT, &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
+        self.call(PATH_VOTE, &rpc, &option).await
+    }
+}

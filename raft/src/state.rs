@@ -1,0 +1,457 @@
+//! The cluster state every replica builds by applying the committed log, and its `apply`.
+//!
+//! `apply` is deterministic: no clock, no I/O, no randomness, no iteration over unordered
+//! collections. Replicas that apply the same log hold equal states. Preconditions are checked here,
+//! so a stale or repeated proposal becomes a recorded no-op with its reason — never a second
+//! promotion.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+use crate::event::{Event, NodeRegistration, Observation, PgRole, PromotionDecision};
+use crate::types::NodeId;
+
+/// How many recent events and decisions the state keeps for display. The log itself is compacted.
+pub const RECENT_EVENTS_MAX: usize = 256;
+pub const DECISIONS_MAX: usize = 64;
+
+/// What applying one event did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Applied,
+    /// The event was committed but changed nothing; `reason` says why.
+    NoOp { reason: String },
+}
+
+impl Outcome {
+    fn no_op(reason: impl Into<String>) -> Self {
+        Outcome::NoOp {
+            reason: reason.into(),
+        }
+    }
+
+    pub fn is_applied(&self) -> bool {
+        matches!(self, Outcome::Applied)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub registration: NodeRegistration,
+    pub registered_at_log_index: u64,
+    /// The latest observation of this node by each observer.
+    pub health: BTreeMap<NodeId, HealthRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthRecord {
+    pub observation: Observation,
+    pub log_index: u64,
+}
+
+/// The last committed lease renewal. How long it is good for is measured on each node's own
+/// monotonic clock, never here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRecord {
+    pub holder: NodeId,
+    pub generation: u64,
+    pub log_index: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DecisionRecord {
+    pub log_index: u64,
+    pub new_generation: u64,
+    pub decision: PromotionDecision,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordedEvent {
+    pub log_index: u64,
+    pub event: Event,
+    pub outcome: Outcome,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    /// Only grows. Each generation names at most one primary.
+    pub generation: u64,
+    /// The primary of `generation`, if any.
+    pub primary: Option<NodeId>,
+    pub nodes: BTreeMap<NodeId, NodeRecord>,
+    pub lease: Option<LeaseRecord>,
+    /// The newest promotion decisions, oldest first, at most [`DECISIONS_MAX`].
+    pub decisions: VecDeque<DecisionRecord>,
+    /// The newest events with their outcomes, oldest first, at most [`RECENT_EVENTS_MAX`].
+    pub recent: VecDeque<RecordedEvent>,
+    /// Events applied in total, and how many of them were no-ops.
+    pub events_applied: u64,
+    pub events_no_op: u64,
+    /// The log index of the last event applied.
+    pub last_event_log_index: u64,
+}
+
+impl ClusterState {
+    /// Applies one committed event found at `log_index`.
+    pub fn apply(&mut self, event: &Event, log_index: u64) -> Outcome {
+        assert!(
+            log_index > self.last_event_log_index,
+            "events must be applied in log order: {log_index} after {}",
+            self.last_event_log_index
+        );
+        let generation_before = self.generation;
+
+        let outcome = match event {
+            Event::NodeRegistered(registration) => self.register(registration, log_index),
+            Event::NodeUnregistered { node_id, .. } => self.unregister(*node_id),
+            Event::HealthObserved(observation) => self.observe(observation, log_index),
+            Event::LeaseRenewed {
+                primary,
+                generation,
+            } => self.renew_lease(*primary, *generation, log_index),
+            Event::PromotionDecided(decision) => self.promote(decision, log_index),
+        };
+
+        assert!(self.generation >= generation_before, "generation went back");
+        assert!(
+            self.primary.is_none_or(|p| self.nodes.contains_key(&p)),
+            "the primary must be a registered node"
+        );
+
+        self.events_applied += 1;
+        if !outcome.is_applied() {
+            self.events_no_op += 1;
+        }
+        self.last_event_log_index = log_index;
+        push_bounded(
+            &mut self.recent,
+            RecordedEvent {
+                log_index,
+                event: event.clone(),
+                outcome: outcome.clone(),
+            },
+            RECENT_EVENTS_MAX,
+        );
+        outcome
+    }
+
+    pub fn node_by_name(&self, name: &str) -> Option<&NodeRecord> {
+        self.nodes
+            .values()
+            .find(|n| n.registration.name == name)
+    }
+
+    fn register(&mut self, registration: &NodeRegistration, log_index: u64) -> Outcome {
+        let id = registration.node_id;
+        if let Some(existing) = self.nodes.get(&id) {
+            return Outcome::no_op(format!(
+                "node {id} is already registered as {:?}",
+                existing.registration.name
+            ));
+        }
+        if let Some(other) = self.node_by_name(&registration.name) {
+            return Outcome::no_op(format!(
+                "the name {:?} is already taken by node {}",
+                registration.name, other.registration.node_id
+            ));
+        }
+        if registration.role == PgRole::Primary {
+            if let Some(primary) = self.primary {
+                return Outcome::no_op(format!(
+                    "node {primary} is already the primary of generation {}",
+                    self.generation
+                ));
+            }
+            // The first primary opens a new generation, exactly as a promotion does.
+            self.generation += 1;
+            self.primary = Some(id);
+            self.lease = None;
+        }
+        self.nodes.insert(
+            id,
+            NodeRecord {
+                registration: registration.clone(),
+                registered_at_log_index: log_index,
+                health: BTreeMap::new(),
+            },
+        );
+        Outcome::Applied
+    }
+
+    fn unregister(&mut self, node_id: NodeId) -> Outcome {
+        if !self.nodes.contains_key(&node_id) {
+            return Outcome::no_op(format!("node {node_id} is not registered"));
+        }
+        if self.primary == Some(node_id) {
+            return Outcome::no_op(format!(
+                "node {node_id} is the primary of generation {}; switch over first",
+                self.generation
+            ));
+        }
+        self.nodes.remove(&node_id);
+        for node in self.nodes.values_mut() {
+            node.health.remove(&node_id);
+        }
+        Outcome::Applied
+    }
+
+    fn observe(&mut self, observation: &Observation, log_index: u64) -> Outcome {
+        let Some(node) = self.nodes.get_mut(&observation.subject) else {
+            return Outcome::no_op(format!(
+                "observed node {} is not registered",
+                observation.subject
+            ));
+        };
+        node.health.insert(
+            observation.observer,
+            HealthRecord {
+                observation: observation.clone(),
+                log_index,
+            },
+        );
+        Outcome::Applied
+    }
+
+    fn renew_lease(&mut self, primary: NodeId, generation: u64, log_index: u64) -> Outcome {
+        if generation != self.generation || self.primary != Some(primary) {
+            return Outcome::no_op(format!(
+                "stale lease renewal by node {primary} for generation {generation}; \
+                 generation {} belongs to {}",
+                self.generation,
+                describe_primary(self.primary)
+            ));
+        }
+        self.lease = Some(LeaseRecord {
+            holder: primary,
+            generation,
+            log_index,
+        });
+        Outcome::Applied
+    }
+
+    fn promote(&mut self, decision: &PromotionDecision, log_index: u64) -> Outcome {
+        if decision.decided_for_generation != self.generation {
+            return Outcome::no_op(format!(
+                "stale decision: made for generation {}, but the cluster is at generation {}",
+                decision.decided_for_generation, self.generation
+            ));
+        }
+        if !self.nodes.contains_key(&decision.candidate) {
+            return Outcome::no_op(format!(
+                "candidate node {} is not registered",
+                decision.candidate
+            ));
+        }
+        self.generation += 1;
+        self.primary = Some(decision.candidate);
+        self.lease = None;
+        push_bounded(
+            &mut self.decisions,
+            DecisionRecord {
+                log_index,
+                new_generation: self.generation,
+                decision: decision.clone(),
+            },
+            DECISIONS_MAX,
+        );
+        Outcome::Applied
+    }
+}
+
+fn describe_primary(primary: Option<NodeId>) -> String {
+    match primary {
+        Some(id) => format!("node {id}"),
+        None => "no primary".to_string(),
+    }
+}
+
+fn push_bounded<T>(queue: &mut VecDeque<T>, item: T, max: usize) {
+    if queue.len() == max {
+        queue.pop_front();
+    }
+    queue.push_back(item);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::codec;
+    use crate::event::CandidateAssessment;
+
+    fn registration(id: NodeId, role: PgRole) -> NodeRegistration {
+        NodeRegistration {
+            node_id: id,
+            name: format!("node{id}"),
+            role,
+            upstream: None,
+            api_addr: format!("127.0.0.1:{}", 8000 + id),
+            pg_conninfo: format!("host=127.0.0.1 port={}", 5432 + id),
+            priority: 100,
+            nofailover: false,
+            nosync: false,
+        }
+    }
+
+    fn decision(for_generation: u64, candidate: NodeId) -> PromotionDecision {
+        PromotionDecision {
+            decided_for_generation: for_generation,
+            candidate,
+            reason: "test".into(),
+            candidates: vec![CandidateAssessment {
+                node_id: candidate,
+                lsn: Some(1),
+                priority: 100,
+                eligible: true,
+                why: "highest LSN".into(),
+            }],
+        }
+    }
+
+    #[test]
+    fn a_repeated_promotion_is_a_recorded_no_op() {
+        let mut state = ClusterState::default();
+        state.apply(&Event::NodeRegistered(registration(1, PgRole::Primary)), 1);
+        state.apply(&Event::NodeRegistered(registration(2, PgRole::Standby)), 2);
+        assert_eq!((state.generation, state.primary), (1, Some(1)));
+
+        let promote = Event::PromotionDecided(decision(1, 2));
+        assert_eq!(state.apply(&promote, 3), Outcome::Applied);
+        assert_eq!((state.generation, state.primary), (2, Some(2)));
+
+        let again = state.apply(&promote, 4);
+        assert!(
+            matches!(&again, Outcome::NoOp { reason } if reason.contains("stale decision")),
+            "{again:?}"
+        );
+        assert_eq!((state.generation, state.primary), (2, Some(2)));
+        assert_eq!(state.decisions.len(), 1);
+        assert_eq!(state.recent.back().unwrap().outcome, again);
+        assert_eq!(state.events_no_op, 1);
+    }
+
+    #[test]
+    fn a_lease_for_an_old_generation_is_refused() {
+        let mut state = ClusterState::default();
+        state.apply(&Event::NodeRegistered(registration(1, PgRole::Primary)), 1);
+        state.apply(&Event::NodeRegistered(registration(2, PgRole::Standby)), 2);
+        let renew = |generation| Event::LeaseRenewed {
+            primary: 1,
+            generation,
+        };
+        assert_eq!(state.apply(&renew(1), 3), Outcome::Applied);
+        state.apply(&Event::PromotionDecided(decision(1, 2)), 4);
+        assert!(state.lease.is_none());
+        assert!(!state.apply(&renew(1), 5).is_applied());
+        assert!(state.lease.is_none());
+    }
+
+    #[test]
+    fn the_primary_cannot_be_unregistered_and_a_name_cannot_be_reused() {
+        let mut state = ClusterState::default();
+        state.apply(&Event::NodeRegistered(registration(1, PgRole::Primary)), 1);
+        let unregister = Event::NodeUnregistered {
+            node_id: 1,
+            reason: "test".into(),
+        };
+        assert!(!state.apply(&unregister, 2).is_applied());
+        let mut same_name = registration(2, PgRole::Standby);
+        same_name.name = "node1".into();
+        assert!(!state
+            .apply(&Event::NodeRegistered(same_name), 3)
+            .is_applied());
+        assert_eq!(state.nodes.len(), 1);
+    }
+
+    /// Events over a small id space, so that collisions (re-registration, stale decisions,
+    /// unregistering the primary) happen often.
+    fn arb_event() -> impl Strategy<Value = Event> {
+        let id = 1u64..5;
+        prop_oneof![
+            (id.clone(), any::<bool>()).prop_map(|(id, primary)| Event::NodeRegistered(
+                registration(id, if primary { PgRole::Primary } else { PgRole::Standby })
+            )),
+            id.clone().prop_map(|node_id| Event::NodeUnregistered {
+                node_id,
+                reason: "test".into()
+            }),
+            (id.clone(), id.clone(), any::<bool>(), 0u64..1000).prop_map(
+                |(observer, subject, reachable, lsn)| Event::HealthObserved(Observation {
+                    observer,
+                    subject,
+                    reachable,
+                    in_recovery: Some(true),
+                    timeline: Some(1),
+                    lsn: Some(lsn),
+                    replayed_lsn: Some(lsn),
+                    lag_bytes: None,
+                })
+            ),
+            (id.clone(), 0u64..6).prop_map(|(primary, generation)| Event::LeaseRenewed {
+                primary,
+                generation
+            }),
+            (0u64..6, id).prop_map(|(generation, candidate)| Event::PromotionDecided(decision(
+                generation, candidate
+            ))),
+        ]
+    }
+
+    fn apply_all(state: &mut ClusterState, events: &[Event], first_index: u64) {
+        for (i, event) in events.iter().enumerate() {
+            state.apply(event, first_index + i as u64);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn replicas_applying_the_same_log_are_equal(events in prop::collection::vec(arb_event(), 0..200)) {
+            let mut a = ClusterState::default();
+            let mut b = ClusterState::default();
+            apply_all(&mut a, &events, 1);
+            apply_all(&mut b, &events, 1);
+            prop_assert_eq!(codec::encode(&a), codec::encode(&b));
+            prop_assert_eq!(a, b);
+        }
+
+        #[test]
+        fn generation_never_decreases_and_names_one_primary(events in prop::collection::vec(arb_event(), 0..200)) {
+            let mut state = ClusterState::default();
+            let mut primary_of_generation: BTreeMap<u64, NodeId> = BTreeMap::new();
+            for (i, event) in events.iter().enumerate() {
+                let before = state.generation;
+                state.apply(event, i as u64 + 1);
+                prop_assert!(state.generation >= before);
+                prop_assert!(state.generation <= before + 1, "a generation is skipped");
+                if let Some(primary) = state.primary {
+                    let named = *primary_of_generation.entry(state.generation).or_insert(primary);
+                    prop_assert_eq!(named, primary, "two primaries in generation {}", state.generation);
+                }
+            }
+        }
+
+        #[test]
+        fn snapshot_then_rest_of_log_equals_whole_log(
+            events in prop::collection::vec(arb_event(), 0..200),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let cut = if events.is_empty() { 0 } else { cut.index(events.len() + 1) };
+            let mut whole = ClusterState::default();
+            apply_all(&mut whole, &events, 1);
+
+            let mut before = ClusterState::default();
+            apply_all(&mut before, &events[..cut], 1);
+            let mut restored: ClusterState =
+                codec::decode("snapshot", &codec::encode(&before)).unwrap();
+            apply_all(&mut restored, &events[cut..], cut as u64 + 1);
+            prop_assert_eq!(restored, whole);
+        }
+    }
+}
