@@ -1,1 +1,186 @@
-fn main(){}
+//! `raftmgr`: the agent daemon and the command-line tool.
+
+#![forbid(unsafe_code)]
+
+mod agent;
+mod client;
+mod config;
+mod logging;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use raftmgr_api::{AddMember, MembershipAnswer};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "raftmgr",
+    version,
+    about = "PostgreSQL high availability on a Raft group of agents"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the agent daemon for one node.
+    Agent {
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Inspect or start the cluster.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+    /// Change the Raft membership.
+    #[command(subcommand)]
+    Member(MemberCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// Start a new cluster from this node and the peers in its configuration (once, on one node).
+    Init {
+        #[command(flatten)]
+        target: client::Target,
+    },
+    /// Show the Raft members and the registered nodes.
+    Show {
+        #[command(flatten)]
+        target: client::Target,
+        /// Print the full JSON state instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum MemberCommand {
+    /// Add a member: it joins as a learner, catches up, then becomes a voter.
+    Add {
+        #[command(flatten)]
+        target: client::Target,
+        #[arg(long)]
+        node_id: u64,
+        #[arg(long, value_name = "HOST:PORT")]
+        raft_addr: String,
+        #[arg(long, value_name = "HOST:PORT")]
+        api_addr: String,
+        /// Keep it a learner (replicates, does not vote).
+        #[arg(long)]
+        learner: bool,
+    },
+    /// Remove a member from the Raft group.
+    Remove {
+        #[command(flatten)]
+        target: client::Target,
+        #[arg(long)]
+        node_id: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Agent { config } => run_agent(&config),
+        command => {
+            logging::init(None);
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a tokio runtime");
+            match runtime.block_on(run_command(command)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn run_agent(path: &std::path::Path) -> ExitCode {
+    let config = match config::load(path) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("error: invalid configuration: {e}");
+            return ExitCode::from(config::EXIT_INVALID_CONFIG as u8);
+        }
+    };
+    logging::init(Some(&config.file.name));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    match runtime.block_on(agent::run(config, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn run_command(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Agent { .. } => unreachable!("handled in main"),
+        Command::Cluster(ClusterCommand::Init { target }) => {
+            let answer: serde_json::Value = client::Client::new(&target)?
+                .post("/cluster/init", &serde_json::json!({}))
+                .await?;
+            println!("cluster initialized with members {}", answer["initialized"]);
+        }
+        Command::Cluster(ClusterCommand::Show { target, json }) => {
+            let view = client::Client::new(&target)?.cluster().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&view)?);
+            } else {
+                print!("{}", client::render_cluster(&view));
+            }
+        }
+        Command::Member(MemberCommand::Add {
+            target,
+            node_id,
+            raft_addr,
+            api_addr,
+            learner,
+        }) => {
+            let answer: MembershipAnswer = client::Client::new(&target)?
+                .post(
+                    "/members",
+                    &AddMember {
+                        node_id,
+                        raft_addr,
+                        api_addr,
+                        voter: !learner,
+                    },
+                )
+                .await?;
+            let role = if learner { "learner" } else { "voter" };
+            println!(
+                "node {node_id} is a {role} (log index {})",
+                answer.log_index
+            );
+        }
+        Command::Member(MemberCommand::Remove { target, node_id }) => {
+            let answer: MembershipAnswer = client::Client::new(&target)?
+                .delete(&format!("/members/{node_id}"))
+                .await?;
+            println!("node {node_id} removed (log index {})", answer.log_index);
+        }
+    }
+    Ok(())
+}

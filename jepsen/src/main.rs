@@ -1,1 +1,3 @@
-fn main(){}
+fn main() {
+    println!("raftmgr-jepsen: see `bench` (coming)");
+}

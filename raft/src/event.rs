@@ -79,10 +79,16 @@ pub struct PromotionDecision {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Event {
     NodeRegistered(NodeRegistration),
-    NodeUnregistered { node_id: NodeId, reason: String },
+    NodeUnregistered {
+        node_id: NodeId,
+        reason: String,
+    },
     HealthObserved(Observation),
     /// The primary's agent renewing its lease for `generation`.
-    LeaseRenewed { primary: NodeId, generation: u64 },
+    LeaseRenewed {
+        primary: NodeId,
+        generation: u64,
+    },
     PromotionDecided(PromotionDecision),
 }
 

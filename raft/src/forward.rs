@@ -4,17 +4,21 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
+use openraft::raft::ClientWriteResponse;
 use openraft::ChangeMembers;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::event::Event;
 use crate::network::{RpcClient, RpcFailure, PATH_FORWARD};
-use crate::types::{Applied, Member, NodeId, Raft};
+use crate::types::{Applied, Member, NodeId, Raft, TypeConfig};
 
 /// How long to wait between attempts while no leader is known.
 const NO_LEADER_RETRY: Duration = Duration::from_millis(50);
+
+/// How long a membership change waits for the previous one to finish committing.
+const MEMBERSHIP_IN_PROGRESS_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Request {
@@ -80,15 +84,12 @@ pub async fn execute_locally(raft: &Raft, request: Request) -> Result<Reply, For
             member,
             voter,
         } => {
-            let mut response = raft
-                .add_learner(node_id, member, true)
-                .await
-                .map_err(from_write_error)?;
+            let mut response =
+                after_membership_change(|| raft.add_learner(node_id, member.clone(), true)).await?;
             if voter {
-                response = raft
-                    .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([node_id])), false)
-                    .await
-                    .map_err(from_write_error)?;
+                let add = ChangeMembers::AddVoterIds(BTreeSet::from([node_id]));
+                response =
+                    after_membership_change(|| raft.change_membership(add.clone(), false)).await?;
             }
             Ok(Reply::MembershipChanged {
                 log_index: response.log_id.index,
@@ -112,13 +113,35 @@ pub async fn execute_locally(raft: &Raft, request: Request) -> Result<Reply, For
                     "node {node_id} is the only voter; removing it would leave no cluster"
                 )));
             }
-            let response = raft
-                .change_membership(change, false)
-                .await
-                .map_err(from_write_error)?;
+            let response =
+                after_membership_change(|| raft.change_membership(change.clone(), false)).await?;
             Ok(Reply::MembershipChanged {
                 log_index: response.log_id.index,
             })
+        }
+    }
+}
+
+type WriteResult =
+    Result<ClientWriteResponse<TypeConfig>, RaftError<NodeId, ClientWriteError<NodeId, Member>>>;
+
+/// Runs a membership change, first waiting (with a deadline) for a previous change that is still
+/// being committed: openraft allows one at a time, and an operator's back-to-back requests
+/// should not fail for it.
+async fn after_membership_change<F, Fut>(
+    mut change: F,
+) -> Result<ClientWriteResponse<TypeConfig>, ForwardError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = WriteResult>,
+{
+    let deadline = Instant::now() + MEMBERSHIP_IN_PROGRESS_TIMEOUT;
+    loop {
+        match change().await {
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                ChangeMembershipError::InProgress(_),
+            ))) if Instant::now() < deadline => tokio::time::sleep(NO_LEADER_RETRY).await,
+            other => return other.map_err(from_write_error),
         }
     }
 }

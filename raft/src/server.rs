@@ -37,43 +37,63 @@ pub fn router(raft: Raft, secret: impl Into<Arc<str>>) -> Router {
     Router::new()
         .route(
             PATH_APPEND_ENTRIES,
-            post(|State(s): State<RpcState>, headers: HeaderMap, body: Bytes| async move {
-                let raft = s.raft.clone();
-                serve(&s, &headers, &body, "append-entries request", |rpc| async move {
-                    raft.append_entries(rpc).await
-                })
-                .await
-            }),
+            post(
+                |State(s): State<RpcState>, headers: HeaderMap, body: Bytes| async move {
+                    let raft = s.raft.clone();
+                    serve(
+                        &s,
+                        &headers,
+                        &body,
+                        "append-entries request",
+                        |rpc| async move { raft.append_entries(rpc).await },
+                    )
+                    .await
+                },
+            ),
         )
         .route(
             PATH_VOTE,
-            post(|State(s): State<RpcState>, headers: HeaderMap, body: Bytes| async move {
-                let raft = s.raft.clone();
-                serve(&s, &headers, &body, "vote request", |rpc| async move {
-                    raft.vote(rpc).await
-                })
-                .await
-            }),
+            post(
+                |State(s): State<RpcState>, headers: HeaderMap, body: Bytes| async move {
+                    let raft = s.raft.clone();
+                    serve(&s, &headers, &body, "vote request", |rpc| async move {
+                        raft.vote(rpc).await
+                    })
+                    .await
+                },
+            ),
         )
         .route(
             PATH_INSTALL_SNAPSHOT,
-            post(|State(s): State<RpcState>, headers: HeaderMap, body: Bytes| async move {
-                let raft = s.raft.clone();
-                serve(&s, &headers, &body, "install-snapshot request", |rpc| async move {
-                    raft.install_snapshot(rpc).await
-                })
-                .await
-            }),
+            post(
+                |State(s): State<RpcState>, headers: HeaderMap, body: Bytes| async move {
+                    let raft = s.raft.clone();
+                    serve(
+                        &s,
+                        &headers,
+                        &body,
+                        "install-snapshot request",
+                        |rpc| async move { raft.install_snapshot(rpc).await },
+                    )
+                    .await
+                },
+            ),
         )
         .route(
             PATH_FORWARD,
-            post(|State(s): State<RpcState>, headers: HeaderMap, body: Bytes| async move {
-                let raft = s.raft.clone();
-                serve(&s, &headers, &body, "forwarded request", |request: Request| async move {
-                    execute_locally(&raft, request).await
-                })
-                .await
-            }),
+            post(
+                |State(s): State<RpcState>, headers: HeaderMap, body: Bytes| async move {
+                    let raft = s.raft.clone();
+                    serve(
+                        &s,
+                        &headers,
+                        &body,
+                        "forwarded request",
+                        |request: Request| async move { execute_locally(&raft, request).await },
+                    )
+                    .await
+                },
+            ),
         )
         .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))
         .with_state(state)
@@ -95,11 +115,17 @@ where
     match presented {
         None => {
             tracing::warn!("refused a {what}: no cluster secret");
-            return refuse(StatusCode::UNAUTHORIZED, format!("refused {what}: the {SECRET_HEADER} header is missing"));
+            return refuse(
+                StatusCode::UNAUTHORIZED,
+                format!("refused {what}: the {SECRET_HEADER} header is missing"),
+            );
         }
         Some(secret) if !same_bytes(secret, state.secret.as_bytes()) => {
             tracing::warn!("refused a {what}: wrong cluster secret");
-            return refuse(StatusCode::UNAUTHORIZED, format!("refused {what}: wrong cluster secret"));
+            return refuse(
+                StatusCode::UNAUTHORIZED,
+                format!("refused {what}: wrong cluster secret"),
+            );
         }
         Some(_) => {}
     }

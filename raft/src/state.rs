@@ -22,7 +22,9 @@ pub const DECISIONS_MAX: usize = 64;
 pub enum Outcome {
     Applied,
     /// The event was committed but changed nothing; `reason` says why.
-    NoOp { reason: String },
+    NoOp {
+        reason: String,
+    },
 }
 
 impl Outcome {
@@ -138,9 +140,7 @@ impl ClusterState {
     }
 
     pub fn node_by_name(&self, name: &str) -> Option<&NodeRecord> {
-        self.nodes
-            .values()
-            .find(|n| n.registration.name == name)
+        self.nodes.values().find(|n| n.registration.name == name)
     }
 
     fn register(&mut self, registration: &NodeRegistration, log_index: u64) -> Outcome {
@@ -374,7 +374,14 @@ mod tests {
         let id = 1u64..5;
         prop_oneof![
             (id.clone(), any::<bool>()).prop_map(|(id, primary)| Event::NodeRegistered(
-                registration(id, if primary { PgRole::Primary } else { PgRole::Standby })
+                registration(
+                    id,
+                    if primary {
+                        PgRole::Primary
+                    } else {
+                        PgRole::Standby
+                    }
+                )
             )),
             id.clone().prop_map(|node_id| Event::NodeUnregistered {
                 node_id,

@@ -8,6 +8,9 @@
 //!
 //! **Format.** Every value is a versioned record: one byte [`FORMAT_VERSION`], then bincode.
 
+// openraft's trait signatures fix the error type (`StorageError`, large); helpers return it too.
+#![allow(clippy::result_large_err)]
+
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};
@@ -20,9 +23,7 @@ use openraft::{
     EntryPayload, OptionalSend, RaftLogReader, RaftSnapshotBuilder, StorageIOError, Vote,
 };
 use raftmgr_raft::codec;
-use raftmgr_raft::types::{
-    Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership,
-};
+use raftmgr_raft::types::{Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership};
 use raftmgr_raft::{Applied, ClusterState, NodeId, Outcome, TypeConfig};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -52,8 +53,22 @@ pub enum OpenError {
     Corrupt { path: String, message: String },
 }
 
+/// A store just opened: the halves openraft takes, and a read-only view for everyone else.
+pub struct Opened {
+    pub log: LogStore,
+    pub state_machine: StateMachineStore,
+    pub view: StoreView,
+}
+
+/// What the store held when it was opened, before any peer was contacted.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct AtOpen {
+    pub last_log_index: Option<u64>,
+    pub snapshot_index: Option<u64>,
+}
+
 /// Opens (or creates) the store in `dir`.
-pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), OpenError> {
+pub fn open(dir: &Path) -> Result<Opened, OpenError> {
     let path = dir.display().to_string();
     let sled_error = |source| OpenError::Sled {
         path: path.clone(),
@@ -91,19 +106,45 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), OpenError> {
         None => Machine::default(),
     };
 
+    let last_log_index = logs
+        .last()
+        .map_err(sled_error)?
+        .map(|(key, _)| index_of(&key));
+    let at_open = AtOpen {
+        last_log_index: last_log_index.or(machine.last_applied.map(|id| id.index)),
+        snapshot_index: current
+            .as_ref()
+            .and_then(|s| s.meta.last_log_id)
+            .map(|id| id.index),
+    };
     let stats = Arc::new(Stats::default());
+    let machine = Arc::new(RwLock::new(machine));
+    let view = StoreView {
+        machine: machine.clone(),
+        stats: stats.clone(),
+        logs: logs.clone(),
+        at_open,
+    };
     let log = LogStore {
         db: db.clone(),
         logs,
         meta,
     };
-    let sm = StateMachineStore {
+    let state_machine = StateMachineStore {
         db,
         snapshots,
-        machine: Arc::new(RwLock::new(machine)),
+        machine,
         stats,
     };
-    Ok((log, sm))
+    Ok(Opened {
+        log,
+        state_machine,
+        view,
+    })
+}
+
+fn index_of(key: &[u8]) -> u64 {
+    u64::from_be_bytes(key.try_into().expect("log keys are 8 bytes"))
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -157,11 +198,6 @@ impl LogStore {
     async fn flush(&self) -> Result<(), sled::Error> {
         self.db.flush_async().await.map(|_| ())
     }
-
-    /// How many entries the log holds on disk (after purging).
-    pub fn entries_on_disk(&self) -> usize {
-        self.logs.len()
-    }
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -177,13 +213,16 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let mut entries = Vec::new();
         for item in self.logs.range(log_key(start)..) {
             let (key, bytes) = item.map_err(|e| StorageIOError::read_logs(&e))?;
-            let index = u64::from_be_bytes(key.as_ref().try_into().expect("log keys are 8 bytes"));
+            let index = index_of(&key);
             if !range.contains(&index) {
                 break;
             }
             let entry: Entry = read_record("log entry", &bytes)
                 .map_err(|e| StorageIOError::read_log_at_index(index, &Message(e)))?;
-            assert_eq!(entry.log_id.index, index, "log entry stored under the wrong key");
+            assert_eq!(
+                entry.log_id.index, index,
+                "log entry stored under the wrong key"
+            );
             entries.push(entry);
         }
         Ok(entries)
@@ -195,7 +234,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
         let last_purged_log_id: Option<LogId> = self.get_meta(KEY_LAST_PURGED)?;
-        let last = self.logs.last().map_err(|e| StorageIOError::read_logs(&e))?;
+        let last = self
+            .logs
+            .last()
+            .map_err(|e| StorageIOError::read_logs(&e))?;
         let last_log_id = match last {
             Some((_, bytes)) => {
                 let entry: Entry = read_record("log entry", &bytes)
@@ -218,7 +260,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.meta
             .insert(KEY_VOTE, write_record(vote))
             .map_err(|e| StorageIOError::write_vote(&e))?;
-        self.flush().await.map_err(|e| StorageIOError::write_vote(&e))?;
+        self.flush()
+            .await
+            .map_err(|e| StorageIOError::write_vote(&e))?;
         Ok(())
     }
 
@@ -285,7 +329,9 @@ impl LogStore {
         self.logs
             .apply_batch(batch)
             .map_err(|e| StorageIOError::write_logs(&e))?;
-        self.flush().await.map_err(|e| StorageIOError::write_logs(&e))?;
+        self.flush()
+            .await
+            .map_err(|e| StorageIOError::write_logs(&e))?;
         Ok(())
     }
 }
@@ -313,14 +359,16 @@ pub struct StateMachineStore {
     stats: Arc<Stats>,
 }
 
-/// A read-only handle on the applied state, for the API.
+/// A read-only handle on the store, for the API.
 #[derive(Clone)]
-pub struct StateView {
+pub struct StoreView {
     machine: Arc<RwLock<Machine>>,
     stats: Arc<Stats>,
+    logs: sled::Tree,
+    at_open: AtOpen,
 }
 
-impl StateView {
+impl StoreView {
     pub fn cluster_state(&self) -> ClusterState {
         self.machine.read().expect("state lock").state.clone()
     }
@@ -333,16 +381,18 @@ impl StateView {
     pub fn stats(&self) -> &Stats {
         &self.stats
     }
+
+    /// How many entries the log holds on disk, after purging.
+    pub fn log_entries_on_disk(&self) -> usize {
+        self.logs.len()
+    }
+
+    pub fn at_open(&self) -> AtOpen {
+        self.at_open
+    }
 }
 
 impl StateMachineStore {
-    pub fn view(&self) -> StateView {
-        StateView {
-            machine: self.machine.clone(),
-            stats: self.stats.clone(),
-        }
-    }
-
     fn persist_snapshot(&self, snapshot: &StoredSnapshot) -> Result<(), sled::Error> {
         self.snapshots
             .insert(KEY_SNAPSHOT, write_record(snapshot))
@@ -421,8 +471,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 EntryPayload::Blank => Outcome::Applied,
                 EntryPayload::Normal(event) => machine.state.apply(&event, log_index),
                 EntryPayload::Membership(membership) => {
-                    machine.last_membership =
-                        StoredMembership::new(Some(entry.log_id), membership);
+                    machine.last_membership = StoredMembership::new(Some(entry.log_id), membership);
                     Outcome::Applied
                 }
             };
@@ -462,7 +511,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             last_membership: meta.last_membership.clone(),
             state,
         };
-        self.stats.snapshots_installed.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .snapshots_installed
+            .fetch_add(1, Ordering::Relaxed);
         tracing::info!(snapshot = %meta.snapshot_id, "installed a snapshot from the leader");
         Ok(())
     }

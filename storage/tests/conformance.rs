@@ -1,3 +1,6 @@
+// openraft fixes the error type of the suite.
+#![allow(clippy::result_large_err)]
+
 //! openraft's own storage conformance suite, run against the sled store.
 
 use openraft::testing::{StoreBuilder, Suite};
@@ -12,8 +15,8 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> fo
         &self,
     ) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError> {
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let (log, sm) = raftmgr_storage::open(dir.path()).expect("a fresh store opens");
-        Ok((dir, log, sm))
+        let store = raftmgr_storage::open(dir.path()).expect("a fresh store opens");
+        Ok((dir, store.log, store.state_machine))
     }
 }
 

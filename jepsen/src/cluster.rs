@@ -1,0 +1,410 @@
+//! A raftmgr cluster of real agent processes on loopback, each with its own config, ports and
+//! data folder under one temporary directory.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use raftmgr_api::{AddMember, ClusterView, MembershipAnswer, ProposeAnswer};
+use raftmgr_raft::{Event, NodeId};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::wait;
+
+pub const CLUSTER_SECRET: &str = "lab-cluster-secret-0123456789";
+pub const API_TOKEN: &str = "lab-api-token-0123456789";
+
+/// How long an agent may take to stop after SIGTERM before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The members the cluster is initialised with (node ids 1..=voters).
+    pub voters: usize,
+    /// Further nodes with a config and ports, not started: for joining later.
+    pub spares: usize,
+    /// Extra `key = value` lines for every node's `[raft]` section.
+    pub raft_settings: Vec<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            voters: 3,
+            spares: 0,
+            raft_settings: Vec::new(),
+        }
+    }
+}
+
+pub struct Node {
+    pub id: NodeId,
+    pub raft_addr: String,
+    pub api_addr: String,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+pub struct LocalCluster {
+    dir: tempfile::TempDir,
+    binary: PathBuf,
+    nodes: Vec<Node>,
+    http: reqwest::Client,
+}
+
+impl LocalCluster {
+    /// Writes every node's configuration; starts nothing.
+    pub fn new(binary: &Path, options: &Options) -> anyhow::Result<LocalCluster> {
+        anyhow::ensure!(binary.exists(), "no raftmgr binary at {}", binary.display());
+        let dir = tempfile::Builder::new().prefix("raftmgr-lab-").tempdir()?;
+        let total = options.voters + options.spares;
+        let ports = free_ports(2 * total)?;
+        let mut nodes = Vec::new();
+        for i in 0..total {
+            let id = i as NodeId + 1;
+            nodes.push(Node {
+                id,
+                raft_addr: format!("127.0.0.1:{}", ports[2 * i]),
+                api_addr: format!("127.0.0.1:{}", ports[2 * i + 1]),
+                config: dir.path().join(format!("node{id}.toml")),
+                log: dir.path().join(format!("node{id}.log")),
+                child: None,
+            });
+        }
+        for node in &nodes {
+            let mut text = format!(
+                "node_id = {id}\nname = \"node{id}\"\ndata_dir = \"{data}\"\n\
+                 cluster_secret = \"{CLUSTER_SECRET}\"\napi_token = \"{API_TOKEN}\"\n\n\
+                 [raft]\nlisten = \"{raft}\"\n{extra}\n[api]\nlisten = \"{api}\"\n",
+                id = node.id,
+                data = dir.path().join(format!("node{}", node.id)).display(),
+                raft = node.raft_addr,
+                api = node.api_addr,
+                extra = options
+                    .raft_settings
+                    .iter()
+                    .map(|line| format!("{line}\n"))
+                    .collect::<String>(),
+            );
+            for peer in nodes
+                .iter()
+                .take(options.voters)
+                .filter(|p| p.id != node.id)
+            {
+                text += &format!(
+                    "\n[[peers]]\nnode_id = {}\nraft_addr = \"{}\"\napi_addr = \"{}\"\n",
+                    peer.id, peer.raft_addr, peer.api_addr
+                );
+            }
+            std::fs::write(&node.config, text)?;
+        }
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(15))
+            .build()?;
+        Ok(LocalCluster {
+            dir,
+            binary: binary.to_path_buf(),
+            nodes,
+            http,
+        })
+    }
+
+    /// Starts the voters, initialises the cluster on node 1, and waits for an agreed leader.
+    pub async fn start(binary: &Path, options: &Options) -> anyhow::Result<LocalCluster> {
+        let mut cluster = LocalCluster::new(binary, options)?;
+        for id in 1..=options.voters as NodeId {
+            cluster.start_node(id)?;
+        }
+        for id in 1..=options.voters as NodeId {
+            cluster.wait_api(id, Duration::from_secs(20)).await?;
+        }
+        let _: serde_json::Value = cluster
+            .post(1, "/cluster/init", &serde_json::json!({}))
+            .await
+            .context("initialising the cluster")?;
+        let voters: Vec<NodeId> = (1..=options.voters as NodeId).collect();
+        cluster
+            .wait_for_leader(&voters, Duration::from_secs(20))
+            .await?;
+        Ok(cluster)
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn node(&self, id: NodeId) -> &Node {
+        &self.nodes[id as usize - 1]
+    }
+
+    fn node_mut(&mut self, id: NodeId) -> &mut Node {
+        &mut self.nodes[id as usize - 1]
+    }
+
+    pub fn ids(&self) -> Vec<NodeId> {
+        self.nodes.iter().map(|n| n.id).collect()
+    }
+
+    pub fn pid(&self, id: NodeId) -> Option<u32> {
+        self.node(id).child.as_ref().map(Child::id)
+    }
+
+    /// Starts node `id`'s agent (its log goes to `nodeN.log`, appended across restarts).
+    pub fn start_node(&mut self, id: NodeId) -> anyhow::Result<()> {
+        let binary = self.binary.clone();
+        let node = self.node_mut(id);
+        anyhow::ensure!(node.child.is_none(), "node {id} is already running");
+        let log = File::options().create(true).append(true).open(&node.log)?;
+        let child = Command::new(&binary)
+            .arg("agent")
+            .arg("-c")
+            .arg(&node.config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        node.child = Some(child);
+        Ok(())
+    }
+
+    /// `kill -9` of node `id`'s agent.
+    pub fn kill(&mut self, id: NodeId) -> anyhow::Result<()> {
+        let mut child = self
+            .node_mut(id)
+            .child
+            .take()
+            .context("node is not running")?;
+        child.kill()?;
+        child.wait()?;
+        Ok(())
+    }
+
+    /// SIGTERM to node `id`'s agent; waits for it to exit and returns its exit code.
+    pub async fn stop(&mut self, id: NodeId) -> anyhow::Result<Option<i32>> {
+        let mut child = self
+            .node_mut(id)
+            .child
+            .take()
+            .context("node is not running")?;
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM)?;
+        let deadline = tokio::time::Instant::now() + STOP_TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status.code());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                child.kill()?;
+                child.wait()?;
+                bail!("node {id} did not stop within {STOP_TIMEOUT:?} of SIGTERM; killed");
+            }
+            tokio::time::sleep(wait::POLL).await;
+        }
+    }
+
+    /// Whether node `id`'s agent process is still running.
+    pub fn is_running(&mut self, id: NodeId) -> bool {
+        match self.node_mut(id).child.as_mut() {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    pub fn read_log(&self, id: NodeId) -> String {
+        std::fs::read_to_string(&self.node(id).log).unwrap_or_default()
+    }
+
+    fn url(&self, id: NodeId, path: &str) -> String {
+        format!("http://{}{path}", self.node(id).api_addr)
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, id: NodeId, path: &str) -> anyhow::Result<T> {
+        let response = self.http.get(self.url(id, path)).send().await?;
+        decode(response).await
+    }
+
+    pub async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        id: NodeId,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
+        let response = self
+            .http
+            .post(self.url(id, path))
+            .bearer_auth(API_TOKEN)
+            .json(body)
+            .send()
+            .await?;
+        decode(response).await
+    }
+
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    pub async fn view(&self, id: NodeId) -> anyhow::Result<ClusterView> {
+        self.get(id, "/cluster").await
+    }
+
+    /// Proposes `event` through node `id` (which forwards it to the leader).
+    pub async fn propose(&self, id: NodeId, event: &Event) -> anyhow::Result<ProposeAnswer> {
+        self.post(id, "/events", event).await
+    }
+
+    pub async fn add_member(
+        &self,
+        via: NodeId,
+        id: NodeId,
+        voter: bool,
+    ) -> anyhow::Result<MembershipAnswer> {
+        let node = self.node(id);
+        let body = AddMember {
+            node_id: id,
+            raft_addr: node.raft_addr.clone(),
+            api_addr: node.api_addr.clone(),
+            voter,
+        };
+        self.post(via, "/members", &body).await
+    }
+
+    pub async fn remove_member(&self, via: NodeId, id: NodeId) -> anyhow::Result<MembershipAnswer> {
+        let response = self
+            .http
+            .delete(self.url(via, &format!("/members/{id}")))
+            .bearer_auth(API_TOKEN)
+            .send()
+            .await?;
+        decode(response).await
+    }
+
+    pub async fn wait_api(&self, id: NodeId, timeout: Duration) -> anyhow::Result<()> {
+        wait::until(&format!("node {id}'s API"), timeout, || async {
+            self.view(id).await.map(|_| ()).map_err(|e| e.to_string())
+        })
+        .await
+    }
+
+    /// Waits until every node in `ids` names the same leader, which is one of them; returns it.
+    pub async fn wait_for_leader(
+        &self,
+        ids: &[NodeId],
+        timeout: Duration,
+    ) -> anyhow::Result<NodeId> {
+        wait::until("an agreed Raft leader", timeout, || async {
+            let mut leaders = Vec::new();
+            for id in ids {
+                let view = self
+                    .view(*id)
+                    .await
+                    .map_err(|e| format!("node {id}: {e}"))?;
+                leaders.push(view.raft.leader);
+            }
+            match leaders[0] {
+                Some(leader)
+                    if ids.contains(&leader) && leaders.iter().all(|l| *l == Some(leader)) =>
+                {
+                    Ok(leader)
+                }
+                _ => Err(format!("leaders seen: {leaders:?}")),
+            }
+        })
+        .await
+    }
+
+    /// Waits until every node in `ids` has applied at least `index`, and all their cluster
+    /// states are equal; returns the views.
+    pub async fn wait_converged(
+        &self,
+        ids: &[NodeId],
+        index: u64,
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<ClusterView>> {
+        wait::until(
+            &format!("nodes {ids:?} to apply index {index} and agree"),
+            timeout,
+            || async {
+                let mut views = Vec::new();
+                for id in ids {
+                    let view = self
+                        .view(*id)
+                        .await
+                        .map_err(|e| format!("node {id}: {e}"))?;
+                    let applied = view.raft.last_applied_index.unwrap_or(0);
+                    if applied < index {
+                        return Err(format!("node {id} has applied {applied}"));
+                    }
+                    views.push(view);
+                }
+                let applied: Vec<_> = views.iter().map(|v| v.raft.last_applied_index).collect();
+                if applied.iter().any(|a| *a != applied[0]) {
+                    return Err(format!("applied indexes differ: {applied:?}"));
+                }
+                if views.iter().any(|v| v.state != views[0].state) {
+                    return Err("states differ at the same applied index".into());
+                }
+                Ok(views)
+            },
+        )
+        .await
+    }
+}
+
+async fn decode<T: DeserializeOwned>(response: reqwest::Response) -> anyhow::Result<T> {
+    let status = response.status();
+    let body = response.text().await?;
+    if !status.is_success() {
+        bail!("{status}: {body}");
+    }
+    serde_json::from_str(&body).with_context(|| format!("decoding {body}"))
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        let panicking = std::thread::panicking();
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            if panicking {
+                let log = std::fs::read_to_string(&node.log).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                eprintln!("---- node {} log (last {} lines) ----", node.id, tail.len());
+                for line in tail.iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
+    }
+}
+
+/// `count` distinct free TCP ports on 127.0.0.1, picked outside the ephemeral range (where the
+/// kernel picks client ports) and checked by binding them.
+pub fn free_ports(count: usize) -> anyhow::Result<Vec<u16>> {
+    let mut state = std::process::id() as u64
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_nanos() as u64;
+    let mut ports = Vec::new();
+    for _ in 0..10_000 {
+        if ports.len() == count {
+            return Ok(ports);
+        }
+        // xorshift: good enough to spread parallel test processes over the range.
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let port = 10_000 + (state % 20_000) as u16;
+        if !ports.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            ports.push(port);
+        }
+    }
+    bail!("found only {} free ports of {count}", ports.len())
+}

@@ -1,0 +1,6 @@
+//! The lab: real raftmgr clusters on this machine, for integration tests, chaos runs and
+//! benchmarks. Every process it starts is ended by its id when the cluster is dropped, and its
+//! folder is removed — also when a test panics.
+
+pub mod cluster;
+pub mod wait;

@@ -1,0 +1,145 @@
+//! The agent daemon: opens the store, starts Raft, serves the Raft RPC and the HTTP API, and stops
+//! cleanly when `shutdown` resolves.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use openraft::SnapshotPolicy;
+use raftmgr_raft::forward::Proposer;
+use raftmgr_raft::network::RpcClient;
+use raftmgr_raft::{Member, NodeId, Raft};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::NodeConfig;
+
+/// How long the HTTP servers may take to finish in-flight requests on shutdown.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// snapshot chunks stay well under the RPC server's body limit.
+const SNAPSHOT_CHUNK_BYTES: u64 = 4 * 1024 * 1024;
+
+pub fn raft_config(config: &NodeConfig) -> anyhow::Result<openraft::Config> {
+    let r = &config.file.raft;
+    let raft = openraft::Config {
+        cluster_name: "raftmgr".into(),
+        heartbeat_interval: r.heartbeat_interval_ms,
+        election_timeout_min: r.election_timeout_min_ms,
+        election_timeout_max: r.election_timeout_max_ms,
+        // A snapshot of the cluster state is small; give it time to cross a busy host.
+        install_snapshot_timeout: r.election_timeout_max_ms.max(1000),
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(r.snapshot_logs_since_last),
+        max_in_snapshot_log_to_keep: r.logs_to_keep_after_snapshot,
+        purge_batch_size: 64,
+        snapshot_max_chunk_size: SNAPSHOT_CHUNK_BYTES,
+        ..Default::default()
+    };
+    raft.validate().context("invalid Raft timing settings")
+}
+
+/// Runs the agent until `shutdown` resolves.
+pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let node_id = config.file.node_id;
+    let store_dir = config.file.data_dir.join("raft");
+    std::fs::create_dir_all(&store_dir)
+        .with_context(|| format!("creating the Raft store folder {}", store_dir.display()))?;
+    let store = raftmgr_storage::open(&store_dir)?;
+    let at_open = store.view.at_open();
+    tracing::info!(
+        last_log_index = ?at_open.last_log_index,
+        snapshot_index = ?at_open.snapshot_index,
+        "opened the Raft store at {}",
+        store_dir.display()
+    );
+
+    let raft_listener = bind(config.file.raft.listen, "raft.listen").await?;
+    let api_listener = bind(config.file.api.listen, "api.listen").await?;
+
+    let rpc = RpcClient::new(config.cluster_secret.as_str());
+    let raft = Raft::new(
+        node_id,
+        Arc::new(raft_config(&config)?),
+        rpc.clone(),
+        store.log,
+        store.state_machine,
+    )
+    .await
+    .context("starting Raft")?;
+    let proposer = Proposer::new(raft.clone(), rpc, config.proposal_timeout());
+
+    let mut initial_members: std::collections::BTreeMap<NodeId, Member> = config
+        .file
+        .peers
+        .iter()
+        .map(|p| {
+            (
+                p.node_id,
+                Member {
+                    raft_addr: p.raft_addr.clone(),
+                    api_addr: p.api_addr.clone(),
+                },
+            )
+        })
+        .collect();
+    initial_members.insert(node_id, config.member());
+
+    let api = raftmgr_api::Api {
+        node_id,
+        node_name: config.file.name.clone(),
+        raft: raft.clone(),
+        store: store.view,
+        proposer,
+        api_token: config.api_token.as_str().into(),
+        initial_members,
+    };
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let raft_server = tokio::spawn(serve(
+        raft_listener,
+        raftmgr_raft::server::router(raft.clone(), config.cluster_secret.as_str()),
+        stop_rx.clone(),
+    ));
+    let api_server = tokio::spawn(serve(api_listener, raftmgr_api::router(api), stop_rx));
+    tracing::info!(
+        raft = %config.file.raft.listen,
+        api = %config.file.api.listen,
+        "agent running"
+    );
+
+    shutdown.await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    for server in [api_server, raft_server] {
+        match tokio::time::timeout(DRAIN_TIMEOUT, server).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!("HTTP server stopped with an error: {e}"),
+            Ok(Err(e)) => tracing::warn!("HTTP server task failed: {e}"),
+            Err(_) => tracing::warn!("HTTP server did not drain within {DRAIN_TIMEOUT:?}"),
+        }
+    }
+    if let Err(e) = raft.shutdown().await {
+        tracing::warn!("Raft did not shut down cleanly: {e}");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn bind(addr: std::net::SocketAddr, key: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("{key} = {addr}: cannot listen there"))
+}
+
+async fn serve(
+    listener: TcpListener,
+    router: axum::Router,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|stop| *stop).await;
+        })
+        .await
+}
