@@ -85,6 +85,17 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
         .collect();
     initial_members.insert(node_id, config.member());
 
+    let (stop_tx, stop_rx) = watch::channel(false);
+    if let Some(settings) = &config.postgres {
+        let supervisor = crate::supervisor::Supervisor {
+            node_id,
+            pg: crate::pg::Pg::new(settings)?,
+            proposer: proposer.clone(),
+            store: store.view.clone(),
+        };
+        tokio::spawn(supervisor.run(stop_rx.clone()));
+    }
+
     let api = raftmgr_api::Api {
         node_id,
         node_name: config.file.name.clone(),
@@ -95,7 +106,6 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
         initial_members,
     };
 
-    let (stop_tx, stop_rx) = watch::channel(false);
     let raft_server = tokio::spawn(serve(
         raft_listener,
         raftmgr_raft::server::router(raft.clone(), config.cluster_secret.as_str()),

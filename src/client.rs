@@ -47,6 +47,15 @@ impl Client {
         })
     }
 
+    /// A client for the agent named in a loaded configuration.
+    pub fn for_node(node: &config::NodeConfig) -> Client {
+        Client {
+            base: format!("http://{}", node.api_advertise()),
+            token: Some(node.api_token.clone()),
+            http: reqwest::Client::new(),
+        }
+    }
+
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         self.send(self.http.get(self.url(path))).await
     }
@@ -67,6 +76,11 @@ impl Client {
 
     pub async fn cluster(&self) -> anyhow::Result<ClusterView> {
         self.get("/cluster").await
+    }
+
+    /// The cluster as of now: the agent first applies everything committed before the call.
+    pub async fn cluster_consistent(&self) -> anyhow::Result<ClusterView> {
+        self.get("/cluster?consistent=true").await
     }
 
     fn url(&self, path: &str) -> String {
@@ -105,58 +119,100 @@ impl Client {
     }
 }
 
-/// `raftmgr cluster show`: the Raft members and the registered nodes as tables.
+/// `raftmgr cluster show`: the registered nodes, then the Raft members.
 pub fn render_cluster(view: &ClusterView) -> String {
     let raft = &view.raft;
     let state = &view.state;
     let mut out = format!(
-        "Raft: term {}, leader {}, last log index {}, applied {}\n",
-        raft.term,
-        raft.leader
-            .map_or("none".to_string(), |id| format!("node {id}")),
-        show(raft.last_log_index),
-        show(raft.last_applied_index),
-    );
-    out += &format!(
-        "Generation {}, primary {}\n\n",
+        "Generation {}, primary {}; Raft term {}, leader {}, applied index {}\n\n",
         state.generation,
         state
             .primary
             .and_then(|id| state.nodes.get(&id))
-            .map_or("none".to_string(), |n| n.registration.name.clone())
+            .map_or("none".to_string(), |n| n.registration.name.clone()),
+        raft.term,
+        raft.leader.map_or("none".to_string(), |id| format!("node {id}")),
+        show(raft.last_applied_index),
     );
-    let mut rows = vec![vec![
-        "ID".to_string(),
-        "Raft role".into(),
-        "Raft address".into(),
-        "API address".into(),
-        "Name".into(),
-        "PG role".into(),
-    ]];
+    if view.nodes.is_empty() {
+        out += "No database node is registered yet.\n\n";
+    } else {
+        let mut rows = vec![[
+            "ID", "Name", "Role", "Status", "Upstream", "TL", "LSN", "Lag", "Prio", "Raft",
+        ]
+        .map(String::from)
+        .to_vec()];
+        for row in &view.nodes {
+            let n = &row.summary;
+            rows.push(vec![
+                n.id.to_string(),
+                n.name.clone(),
+                n.role.clone(),
+                n.status.clone(),
+                n.upstream.clone().unwrap_or_else(|| "-".into()),
+                n.timeline.map_or("-".into(), |t| t.to_string()),
+                n.lsn.clone().unwrap_or_else(|| "-".into()),
+                lag(n.lag_bytes, n.lag_ms),
+                n.priority.to_string(),
+                row.raft_role.clone(),
+            ]);
+        }
+        out += &table(&rows);
+        out += "\n";
+    }
+    let mut rows = vec![["Raft member", "Role", "Raft address", "API address"]
+        .map(String::from)
+        .to_vec()];
     for (id, member) in &raft.members {
-        let raft_role = if raft.leader == Some(*id) {
+        let role = if raft.leader == Some(*id) {
             "leader"
         } else if raft.voters.contains(id) {
             "follower"
         } else {
             "learner"
         };
-        let node = state.nodes.get(id);
         rows.push(vec![
             id.to_string(),
-            raft_role.into(),
+            role.into(),
             member.raft_addr.clone(),
             member.api_addr.clone(),
-            node.map_or("-".into(), |n| n.registration.name.clone()),
-            match (node, state.primary == Some(*id)) {
-                (None, _) => "-".into(),
-                (Some(_), true) => "primary".into(),
-                (Some(_), false) => "standby".into(),
-            },
         ]);
     }
     out += &table(&rows);
     out
+}
+
+fn lag(bytes: Option<u64>, ms: Option<u64>) -> String {
+    match (bytes, ms) {
+        (None, None) => "-".into(),
+        (Some(b), None) => format!("{b} B"),
+        (None, Some(ms)) => format!("{ms} ms"),
+        (Some(b), Some(ms)) => format!("{b} B, {ms} ms"),
+    }
+}
+
+/// `raftmgr cluster events`: one line per event, oldest first.
+pub fn render_events(events: &[raftmgr_raft::state::RecordedEvent]) -> String {
+    let mut rows = vec![["Index", "Event", "Node", "Outcome", "Details"].map(String::from).to_vec()];
+    for e in events {
+        let outcome = match &e.outcome {
+            raftmgr_raft::Outcome::Applied => "applied".to_string(),
+            raftmgr_raft::Outcome::NoOp { reason } => format!("no-op: {reason}"),
+        };
+        let details = serde_json::to_string(&e.event)
+            .unwrap_or_default()
+            .chars()
+            .take(100)
+            .collect();
+        rows.push(vec![
+            e.log_index.to_string(),
+            e.event.kind().into(),
+            e.event.subject().to_string(),
+            outcome,
+            details,
+        ]);
+    }
+    table(&rows)
 }
 
 fn show(value: Option<u64>) -> String {

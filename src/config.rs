@@ -36,6 +36,71 @@ pub struct Config {
     /// The other members of the initial cluster, used by `raftmgr cluster init`.
     #[serde(default)]
     pub peers: Vec<Peer>,
+    /// The PostgreSQL instance this agent manages. Without it the agent is a Raft member only
+    /// (it votes and stores the log, like a witness).
+    #[serde(default)]
+    pub postgres: Option<PostgresSection>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSection {
+    /// The PostgreSQL data directory.
+    pub data_directory: PathBuf,
+    /// Where initdb, pg_ctl, pg_basebackup, pg_rewind live (default: `pg_config --bindir`, else
+    /// /usr/lib/postgresql/15/bin).
+    #[serde(default)]
+    pub bin_dir: Option<PathBuf>,
+    /// `listen_addresses` (default 127.0.0.1).
+    #[serde(default = "defaults::pg_listen_address")]
+    pub listen_address: String,
+    #[serde(default = "defaults::pg_port")]
+    pub port: u16,
+    /// The Unix socket folder (default: `<data_dir>/socket`); one per node, since nodes on one
+    /// machine share the filesystem.
+    #[serde(default)]
+    pub socket_dir: Option<PathBuf>,
+    /// `host=... port=...` other nodes use to reach this PostgreSQL (default: listen_address and
+    /// port).
+    #[serde(default)]
+    pub conninfo: Option<String>,
+    /// The OS user that owns the data and runs PostgreSQL's programs when the agent runs as root
+    /// (PostgreSQL refuses root). Ignored when the agent is not root: it runs them as itself.
+    #[serde(default = "defaults::pg_os_user")]
+    pub os_user: String,
+    /// The database superuser the agent connects as (over the Unix socket, peer authentication).
+    #[serde(default = "defaults::pg_superuser")]
+    pub superuser: String,
+    /// The role standbys replicate with (and peers probe with); the same on every node.
+    #[serde(default = "defaults::pg_replication_user")]
+    pub replication_user: String,
+    /// Its password: give this or `replication_password_file`.
+    #[serde(default)]
+    pub replication_password: Option<String>,
+    #[serde(default)]
+    pub replication_password_file: Option<PathBuf>,
+    /// Addresses (CIDR) allowed to connect for replication and probes, written to pg_hba.conf.
+    #[serde(default = "defaults::pg_allowed_cidrs")]
+    pub allowed_cidrs: Vec<String>,
+    /// Higher wins among failover candidates with the same LSN.
+    #[serde(default = "defaults::pg_priority")]
+    pub priority: u32,
+    /// Never promote this node.
+    #[serde(default)]
+    pub nofailover: bool,
+    /// Never make this node a synchronous standby.
+    #[serde(default)]
+    pub nosync: bool,
+    /// How often the agent probes its own PostgreSQL.
+    #[serde(default = "defaults::probe_interval_ms")]
+    pub probe_interval_ms: u64,
+    /// How often it probes the other nodes' PostgreSQL.
+    #[serde(default = "defaults::peer_probe_interval_ms")]
+    pub peer_probe_interval_ms: u64,
+    /// An unchanged observation is still recorded this often (LSNs, lag), so the log shows
+    /// progress without recording every probe.
+    #[serde(default = "defaults::health_summary_interval_ms")]
+    pub health_summary_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -100,6 +165,36 @@ pub mod defaults {
     pub fn proposal_timeout_ms() -> u64 {
         10_000
     }
+    pub fn pg_listen_address() -> String {
+        "127.0.0.1".into()
+    }
+    pub fn pg_port() -> u16 {
+        5432
+    }
+    pub fn pg_os_user() -> String {
+        "postgres".into()
+    }
+    pub fn pg_superuser() -> String {
+        "postgres".into()
+    }
+    pub fn pg_replication_user() -> String {
+        "raftmgr_replication".into()
+    }
+    pub fn pg_allowed_cidrs() -> Vec<String> {
+        vec!["127.0.0.1/32".into()]
+    }
+    pub fn pg_priority() -> u32 {
+        100
+    }
+    pub fn probe_interval_ms() -> u64 {
+        500
+    }
+    pub fn peer_probe_interval_ms() -> u64 {
+        2000
+    }
+    pub fn health_summary_interval_ms() -> u64 {
+        10_000
+    }
 }
 
 /// A configuration that could not be used, with the key (or file) at fault.
@@ -127,6 +222,17 @@ pub struct NodeConfig {
     pub file: Config,
     pub cluster_secret: String,
     pub api_token: String,
+    pub postgres: Option<PgSettings>,
+}
+
+/// The `[postgres]` section with defaults resolved and the password read.
+#[derive(Debug, Clone)]
+pub struct PgSettings {
+    pub section: PostgresSection,
+    pub bin_dir: PathBuf,
+    pub socket_dir: PathBuf,
+    pub conninfo: String,
+    pub replication_password: String,
 }
 
 impl NodeConfig {
@@ -181,11 +287,65 @@ pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
         &file.api_token,
         &file.api_token_file,
     )?;
+    let postgres = match &file.postgres {
+        None => None,
+        Some(pg) => Some(PgSettings {
+            bin_dir: resolve_bin_dir(&shown, pg)?,
+            socket_dir: pg
+                .socket_dir
+                .clone()
+                .unwrap_or_else(|| file.data_dir.join("socket")),
+            conninfo: pg
+                .conninfo
+                .clone()
+                .unwrap_or_else(|| format!("host={} port={}", pg.listen_address, pg.port)),
+            replication_password: secret(
+                &shown,
+                base,
+                "postgres.replication_password",
+                &pg.replication_password,
+                &pg.replication_password_file,
+            )?,
+            section: pg.clone(),
+        }),
+    };
     Ok(NodeConfig {
         file,
         cluster_secret,
         api_token,
+        postgres,
     })
+}
+
+/// The configured bin_dir, else `pg_config --bindir`, else Debian's PostgreSQL 15 folder; it must
+/// hold the programs the agent runs.
+fn resolve_bin_dir(path: &str, pg: &PostgresSection) -> Result<PathBuf, ConfigError> {
+    let dir = match &pg.bin_dir {
+        Some(dir) => dir.clone(),
+        None => std::process::Command::new("pg_config")
+            .arg("--bindir")
+            .output()
+            .ok()
+            .filter(|out| out.status.success())
+            .map(|out| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+            .unwrap_or_else(|| PathBuf::from("/usr/lib/postgresql/15/bin")),
+    };
+    for program in [
+        "initdb",
+        "pg_ctl",
+        "postgres",
+        "pg_basebackup",
+        "pg_controldata",
+    ] {
+        if !dir.join(program).is_file() {
+            return Err(ConfigError::Invalid {
+                path: path.to_string(),
+                key: "postgres.bin_dir",
+                message: format!("{} has no {program}", dir.display()),
+            });
+        }
+    }
+    Ok(dir)
 }
 
 /// Parses and validates a configuration's text; `path` is only for messages.
@@ -293,6 +453,9 @@ fn validate(c: &Config) -> Result<(), (&'static str, String)> {
             format!("({}) is also raft.listen", c.api.listen),
         ));
     }
+    if let Some(pg) = &c.postgres {
+        validate_postgres(pg)?;
+    }
     let mut seen = std::collections::BTreeSet::from([c.node_id]);
     for peer in &c.peers {
         if !seen.insert(peer.node_id) {
@@ -304,6 +467,74 @@ fn validate(c: &Config) -> Result<(), (&'static str, String)> {
         if peer.node_id == 0 {
             return Err(("peers.node_id", "must be a positive integer".into()));
         }
+    }
+    Ok(())
+}
+
+fn validate_postgres(pg: &PostgresSection) -> Result<(), (&'static str, String)> {
+    if pg.data_directory.as_os_str().is_empty() || !pg.data_directory.is_absolute() {
+        return Err((
+            "postgres.data_directory",
+            format!("{} must be an absolute path", pg.data_directory.display()),
+        ));
+    }
+    if pg.port == 0 {
+        return Err(("postgres.port", "must be a port number, 1-65535".into()));
+    }
+    match (&pg.replication_password, &pg.replication_password_file) {
+        (None, None) => {
+            return Err((
+                "postgres.replication_password",
+                "is required (or postgres.replication_password_file)".into(),
+            ))
+        }
+        (Some(_), Some(_)) => {
+            return Err((
+                "postgres.replication_password",
+                "give replication_password or replication_password_file, not both".into(),
+            ))
+        }
+        _ => {}
+    }
+    for (key, value) in [
+        ("postgres.superuser", &pg.superuser),
+        ("postgres.replication_user", &pg.replication_user),
+        ("postgres.os_user", &pg.os_user),
+    ] {
+        if value.is_empty() || !value.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err((key, format!("{value:?} must be letters, digits or '_'")));
+        }
+    }
+    for cidr in &pg.allowed_cidrs {
+        let (address, bits) = cidr.split_once('/').unwrap_or((cidr, ""));
+        let ok = address.parse::<std::net::IpAddr>().is_ok() && bits.parse::<u8>().is_ok();
+        if !ok {
+            return Err((
+                "postgres.allowed_cidrs",
+                format!("{cidr:?} is not an address/bits range like 10.0.0.0/24"),
+            ));
+        }
+    }
+    for (key, value) in [
+        ("postgres.probe_interval_ms", pg.probe_interval_ms),
+        ("postgres.peer_probe_interval_ms", pg.peer_probe_interval_ms),
+        (
+            "postgres.health_summary_interval_ms",
+            pg.health_summary_interval_ms,
+        ),
+    ] {
+        if value < 50 {
+            return Err((key, format!("({value}) must be at least 50")));
+        }
+    }
+    if pg.health_summary_interval_ms < pg.probe_interval_ms {
+        return Err((
+            "postgres.health_summary_interval_ms",
+            format!(
+                "({}) must be at least postgres.probe_interval_ms ({})",
+                pg.health_summary_interval_ms, pg.probe_interval_ms
+            ),
+        ));
     }
     Ok(())
 }
@@ -399,6 +630,54 @@ api_addr = "127.0.0.1:8002"
         assert!(e.contains("peers.node_id"), "{e}");
         let e = error_of(&GOOD.replace("name = \"node1\"", "name = \"node 1\""));
         assert!(e.contains("name:"), "{e}");
+    }
+
+    const PG: &str = r#"
+[postgres]
+data_directory = "/tmp/raftmgr/node1/pgdata"
+port = 5433
+replication_password = "secret-password"
+"#;
+
+    #[test]
+    fn the_postgres_section_is_checked() {
+        let c = parse("node.toml", &format!("{GOOD}{PG}")).unwrap();
+        let pg = c.postgres.unwrap();
+        assert_eq!(pg.replication_user, "raftmgr_replication");
+        assert_eq!(pg.probe_interval_ms, defaults::probe_interval_ms());
+
+        let e = error_of(&format!(
+            "{GOOD}{}",
+            PG.replace("port = 5433", "port = 5433\nwal_level = 1")
+        ));
+        assert!(e.contains("unknown field `wal_level`"), "{e}");
+        let e = error_of(&format!(
+            "{GOOD}{}",
+            PG.replace("/tmp/raftmgr/node1/pgdata", "pgdata")
+        ));
+        assert!(e.contains("postgres.data_directory"), "{e}");
+        let e = error_of(&format!(
+            "{GOOD}{}",
+            PG.replace("replication_password = \"secret-password\"", "")
+        ));
+        assert!(
+            e.contains("postgres.replication_password: is required"),
+            "{e}"
+        );
+        let e = error_of(&format!("{GOOD}{PG}allowed_cidrs = [\"10.0.0.0\"]\n"));
+        assert!(e.contains("postgres.allowed_cidrs"), "{e}");
+    }
+
+    #[test]
+    fn a_missing_bindir_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, format!("{GOOD}{PG}bin_dir = \"/nonexistent/bin\"\n")).unwrap();
+        let e = load(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("postgres.bin_dir: /nonexistent/bin has no initdb"),
+            "{e}"
+        );
     }
 
     #[test]

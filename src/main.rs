@@ -4,8 +4,12 @@
 
 mod agent;
 mod client;
+mod commands;
 mod config;
+mod demo;
 mod logging;
+mod pg;
+mod supervisor;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -37,6 +41,64 @@ enum Command {
     /// Change the Raft membership.
     #[command(subcommand)]
     Member(MemberCommand),
+    /// Set up or register this node's PostgreSQL as the primary.
+    #[command(subcommand)]
+    Primary(PrimaryCommand),
+    /// Set up or register this node's PostgreSQL as a standby.
+    #[command(subcommand)]
+    Standby(StandbyCommand),
+    /// Manage a node's registration.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Run a local cluster on this machine: node1 primary, the others streaming standbys.
+    Demo(demo::DemoArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ConfigArg {
+    /// The node's configuration file.
+    #[arg(short, long, value_name = "FILE")]
+    config: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum PrimaryCommand {
+    /// initdb, configure for replication, start and register a new primary.
+    Init(ConfigArg),
+    /// Register this node's running PostgreSQL as the primary.
+    Register(ConfigArg),
+}
+
+#[derive(Debug, Subcommand)]
+enum StandbyCommand {
+    /// Clone a standby from a registered node with pg_basebackup.
+    Clone {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The node to clone from (name or id).
+        #[arg(long, value_name = "NODE")]
+        from: String,
+    },
+    /// Register this node as a standby; its agent then starts it.
+    Register {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The node it streams from (default: the primary).
+        #[arg(long, value_name = "NODE")]
+        upstream: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum NodeCommand {
+    /// Remove a node's registration (default: this node). The primary cannot be unregistered.
+    Unregister {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The node to unregister (name or id).
+        #[arg(long, value_name = "NODE")]
+        node: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -46,11 +108,24 @@ enum ClusterCommand {
         #[command(flatten)]
         target: client::Target,
     },
-    /// Show the Raft members and the registered nodes.
+    /// Show the registered nodes (role, status, upstream, timeline, LSN, lag) and Raft members.
     Show {
         #[command(flatten)]
         target: client::Target,
-        /// Print the full JSON state instead of tables.
+        /// Print JSON (`nodes`, `raft`, `state`) instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the recent events of the log, oldest first.
+    Events {
+        #[command(flatten)]
+        target: client::Target,
+        /// Only events about this node (name or id).
+        #[arg(long)]
+        node: Option<String>,
+        /// Only events of this type, e.g. NodeRegistered, HealthObserved.
+        #[arg(long = "type", value_name = "TYPE")]
+        kind: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -151,6 +226,28 @@ async fn run_command(command: Command) -> anyhow::Result<()> {
                 print!("{}", client::render_cluster(&view));
             }
         }
+        Command::Cluster(ClusterCommand::Events {
+            target,
+            node,
+            kind,
+            json,
+        }) => {
+            let mut query = Vec::new();
+            if let Some(node) = node {
+                query.push(format!("node={node}"));
+            }
+            if let Some(kind) = kind {
+                query.push(format!("type={kind}"));
+            }
+            let path = format!("/events?{}", query.join("&"));
+            let events: Vec<raftmgr_raft::state::RecordedEvent> =
+                client::Client::new(&target)?.get(&path).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&events)?);
+            } else {
+                print!("{}", client::render_events(&events));
+            }
+        }
         Command::Member(MemberCommand::Add {
             target,
             node_id,
@@ -181,6 +278,24 @@ async fn run_command(command: Command) -> anyhow::Result<()> {
                 .await?;
             println!("node {node_id} removed (log index {})", answer.log_index);
         }
+        Command::Primary(PrimaryCommand::Init(c)) => commands::primary_init(&load(&c)?).await?,
+        Command::Primary(PrimaryCommand::Register(c)) => {
+            commands::primary_register(&load(&c)?).await?
+        }
+        Command::Standby(StandbyCommand::Clone { config, from }) => {
+            commands::standby_clone(&load(&config)?, &from).await?
+        }
+        Command::Standby(StandbyCommand::Register { config, upstream }) => {
+            commands::standby_register(&load(&config)?, upstream.as_deref()).await?
+        }
+        Command::Demo(args) => demo::run(args).await?,
+        Command::Node(NodeCommand::Unregister { config, node }) => {
+            commands::node_unregister(&load(&config)?, node.as_deref()).await?
+        }
     }
     Ok(())
+}
+
+fn load(arg: &ConfigArg) -> anyhow::Result<config::NodeConfig> {
+    config::load(&arg.config).map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))
 }

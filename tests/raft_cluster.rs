@@ -37,6 +37,8 @@ fn observation(observer: NodeId, subject: NodeId, lsn: u64) -> Event {
         lsn: Some(lsn),
         replayed_lsn: Some(lsn),
         lag_bytes: Some(0),
+        wal_receiver: None,
+        replicas: vec![],
     })
 }
 

@@ -9,14 +9,15 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use openraft::error::{InitializeError, RaftError};
 use raftmgr_raft::forward::{self, ForwardError, Proposer, Reply, Request};
-use raftmgr_raft::{ClusterState, Event, Member, NodeId, Outcome, Raft};
+use raftmgr_raft::state::RecordedEvent;
+use raftmgr_raft::{ClusterState, Event, Member, NodeId, NodeSummary, Outcome, Raft};
 use raftmgr_storage::{AtOpen, StoreView};
 use serde::{Deserialize, Serialize};
 
@@ -37,7 +38,7 @@ pub fn router(api: Api) -> Router {
     Router::new()
         .route("/cluster", get(cluster))
         .route("/cluster/init", post(init))
-        .route("/events", post(propose))
+        .route("/events", post(propose).get(events))
         .route("/members", post(add_member))
         .route("/members/{node_id}", delete(remove_member))
         .route(
@@ -51,9 +52,19 @@ pub fn router(api: Api) -> Router {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ClusterView {
     pub node: NodeView,
+    /// One row per registered database node, derived from the committed state.
+    pub nodes: Vec<NodeRow>,
     pub raft: RaftView,
     pub store: StoreStats,
     pub state: ClusterState,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeRow {
+    #[serde(flatten)]
+    pub summary: NodeSummary,
+    /// `leader`, `follower`, `learner`, or `none` when the node is not a Raft member.
+    pub raft_role: String,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -86,7 +97,21 @@ pub struct StoreStats {
     pub at_open: AtOpen,
 }
 
-async fn cluster(State(api): State<Api>) -> Json<ClusterView> {
+#[derive(Debug, Default, Deserialize)]
+pub struct ClusterQuery {
+    /// Read only after this member has applied everything committed before the request.
+    #[serde(default)]
+    pub consistent: bool,
+}
+
+async fn cluster(
+    State(api): State<Api>,
+    query: Result<Query<ClusterQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<ClusterView>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    if query.consistent {
+        api.proposer.read_barrier().await?;
+    }
     let metrics = api.raft.metrics().borrow().clone();
     let (voters, members) = forward::members(&api.raft);
     let learners = members
@@ -95,11 +120,33 @@ async fn cluster(State(api): State<Api>) -> Json<ClusterView> {
         .copied()
         .collect();
     let stats = api.store.stats();
-    Json(ClusterView {
+    let state = api.store.cluster_state();
+    let nodes = state
+        .node_summaries()
+        .into_iter()
+        .map(|summary| {
+            let id = summary.id;
+            let raft_role = if metrics.current_leader == Some(id) {
+                "leader"
+            } else if voters.contains(&id) {
+                "follower"
+            } else if members.contains_key(&id) {
+                "learner"
+            } else {
+                "none"
+            };
+            NodeRow {
+                summary,
+                raft_role: raft_role.into(),
+            }
+        })
+        .collect();
+    Ok(Json(ClusterView {
         node: NodeView {
             id: api.node_id,
             name: api.node_name.clone(),
         },
+        nodes,
         raft: RaftView {
             state: format!("{:?}", metrics.state),
             leader: metrics.current_leader,
@@ -118,8 +165,47 @@ async fn cluster(State(api): State<Api>) -> Json<ClusterView> {
             snapshots_installed: stats.snapshots_installed.load(Ordering::Relaxed),
             at_open: api.store.at_open(),
         },
-        state: api.store.cluster_state(),
-    })
+        state,
+    }))
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct EventFilter {
+    /// Only events about this node (name or id).
+    pub node: Option<String>,
+    /// Only events of this type (`NodeRegistered`, `HealthObserved`, ...).
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+}
+
+/// `GET /events`: the recent events the state keeps, oldest first, optionally filtered.
+async fn events(
+    State(api): State<Api>,
+    filter: Result<Query<EventFilter>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Vec<RecordedEvent>>, ApiError> {
+    let Query(filter) = filter.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let state = api.store.cluster_state();
+    let node = match &filter.node {
+        None => None,
+        Some(name) => Some(
+            name.parse::<NodeId>()
+                .ok()
+                .filter(|id| state.nodes.contains_key(id))
+                .or_else(|| state.node_by_name(name).map(|n| n.registration.node_id))
+                .or_else(|| name.parse::<NodeId>().ok())
+                .ok_or_else(|| {
+                    ApiError::new(StatusCode::NOT_FOUND, format!("no node is called {name:?}"))
+                })?,
+        ),
+    };
+    let events = state
+        .recent
+        .iter()
+        .filter(|e| node.is_none_or(|id| e.event.subject() == id))
+        .filter(|e| filter.kind.as_deref().is_none_or(|k| e.event.kind() == k))
+        .cloned()
+        .collect();
+    Ok(Json(events))
 }
 
 /// A JSON error answer.
@@ -288,8 +374,9 @@ async fn membership_change(
 ) -> Result<Json<MembershipAnswer>, ApiError> {
     match api.proposer.submit(request).await? {
         Reply::MembershipChanged { log_index } => Ok(Json(MembershipAnswer { log_index })),
-        Reply::Applied(applied) => Ok(Json(MembershipAnswer {
-            log_index: applied.log_index,
-        })),
+        other => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("unexpected answer {other:?}"),
+        )),
     }
 }

@@ -52,6 +52,22 @@ pub struct Observation {
     pub lsn: Option<u64>,
     pub replayed_lsn: Option<u64>,
     pub lag_bytes: Option<u64>,
+    /// On a standby, the WAL receiver's status (`streaming`, `catchup`, ...).
+    pub wal_receiver: Option<String>,
+    /// The standbys streaming from the subject, as its own `pg_stat_replication` shows them.
+    /// Only in a node's observation of itself.
+    pub replicas: Vec<ReplicaStatus>,
+}
+
+/// One row of `pg_stat_replication`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaStatus {
+    /// The standby's `application_name`: raftmgr sets it to the node's name.
+    pub name: String,
+    pub state: String,
+    pub sync_state: String,
+    pub replay_lsn: Option<u64>,
+    pub replay_lag_ms: Option<u64>,
 }
 
 /// How the decision engine judged one candidate for promotion.

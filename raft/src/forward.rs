@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
+use openraft::error::{ChangeMembershipError, CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::raft::ClientWriteResponse;
 use openraft::ChangeMembers;
 use serde::{Deserialize, Serialize};
@@ -32,12 +32,16 @@ pub enum Request {
     RemoveMember {
         node_id: NodeId,
     },
+    /// ReadIndex: the leader confirms it still leads (a heartbeat round with a quorum) and
+    /// answers the index a linearizable read must wait for.
+    ReadIndex,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Reply {
     Applied(Applied),
     MembershipChanged { log_index: u64 },
+    ReadIndex { log_index: Option<u64> },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, thiserror::Error)]
@@ -75,6 +79,17 @@ fn from_write_error(e: RaftError<NodeId, ClientWriteError<NodeId, Member>>) -> F
 /// Carries out `request` on this member, which must be the leader.
 pub async fn execute_locally(raft: &Raft, request: Request) -> Result<Reply, ForwardError> {
     match request {
+        Request::ReadIndex => match raft.ensure_linearizable().await {
+            Ok(log_id) => Ok(Reply::ReadIndex {
+                log_index: log_id.map(|id| id.index),
+            }),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+                Err(ForwardError::NotLeader {
+                    leader: f.leader_id.zip(f.leader_node),
+                })
+            }
+            Err(e) => Err(ForwardError::Failed(format!("confirming leadership: {e}"))),
+        },
         Request::Propose(event) => {
             let response = raft.client_write(event).await.map_err(from_write_error)?;
             Ok(Reply::Applied(response.data))
@@ -162,8 +177,23 @@ impl Proposer {
     pub async fn propose(&self, event: Event) -> Result<Applied, ForwardError> {
         match self.submit(Request::Propose(event)).await? {
             Reply::Applied(applied) => Ok(applied),
-            Reply::MembershipChanged { .. } => unreachable!("a proposal is answered by Applied"),
+            other => Err(ForwardError::Failed(format!("unexpected answer {other:?}"))),
         }
+    }
+
+    /// Waits until this member has applied everything committed before the call: after it,
+    /// reading the local state is linearizable (Raft's ReadIndex, served from any member).
+    pub async fn read_barrier(&self) -> Result<(), ForwardError> {
+        let index = match self.submit(Request::ReadIndex).await? {
+            Reply::ReadIndex { log_index } => log_index,
+            other => return Err(ForwardError::Failed(format!("unexpected answer {other:?}"))),
+        };
+        self.raft
+            .wait(Some(self.timeout))
+            .applied_index_at_least(index, "read barrier")
+            .await
+            .map_err(|e| ForwardError::Failed(format!("waiting to apply index {index:?}: {e}")))?;
+        Ok(())
     }
 
     /// Carries out `request` on the leader. Retries only where the request certainly was not

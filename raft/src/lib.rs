@@ -12,10 +12,14 @@ pub mod server;
 pub mod state;
 pub mod types;
 
+pub mod summary;
+
 pub use event::{
     CandidateAssessment, Event, NodeRegistration, Observation, PgRole, PromotionDecision,
+    ReplicaStatus,
 };
 pub use state::{ClusterState, Outcome};
+pub use summary::NodeSummary;
 pub use types::{Applied, Member, NodeId, Raft, TypeConfig};
 
 /// The HTTP header that carries the cluster secret on every Raft RPC.

@@ -397,6 +397,8 @@ mod tests {
                     lsn: Some(lsn),
                     replayed_lsn: Some(lsn),
                     lag_bytes: None,
+                    wal_receiver: None,
+                    replicas: vec![],
                 })
             ),
             (id.clone(), 0u64..6).prop_map(|(primary, generation)| Event::LeaseRenewed {

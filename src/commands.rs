@@ -1,0 +1,261 @@
+//! repmgr's verbs: `primary init`, `primary register`, `standby clone`, `standby register`,
+//! `node unregister`. Each checks its preconditions first and refuses with the reason; each
+//! registration is an event committed through the node's agent.
+
+use anyhow::{bail, Context};
+use raftmgr_api::{ClusterView, ProposeAnswer};
+use raftmgr_raft::{Event, NodeRegistration, NodeId, Outcome, PgRole};
+
+use crate::client::Client;
+use crate::config::{NodeConfig, PgSettings};
+use crate::pg::probe;
+use crate::pg::{slot_name, Pg};
+
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn postgres(node: &NodeConfig) -> anyhow::Result<(&PgSettings, Pg)> {
+    let settings = node
+        .postgres
+        .as_ref()
+        .context("this node's configuration has no [postgres] section")?;
+    Ok((settings, Pg::new(settings)?))
+}
+
+fn refuse_if_registered(view: &ClusterView, node: &NodeConfig) -> anyhow::Result<()> {
+    let id = node.file.node_id;
+    if let Some(existing) = view.state.nodes.get(&id) {
+        bail!(
+            "node {id} is already registered (as {:?}); unregister it first",
+            existing.registration.name
+        );
+    }
+    if let Some(other) = view.state.node_by_name(&node.file.name) {
+        bail!(
+            "the name {:?} is already registered by node {}",
+            node.file.name,
+            other.registration.node_id
+        );
+    }
+    Ok(())
+}
+
+/// Finds a registered node by name or id.
+fn find_node<'a>(view: &'a ClusterView, name_or_id: &str) -> anyhow::Result<&'a NodeRegistration> {
+    let state = &view.state;
+    let by_id = name_or_id.parse::<NodeId>().ok().and_then(|id| state.nodes.get(&id));
+    by_id
+        .or_else(|| state.node_by_name(name_or_id))
+        .map(|n| &n.registration)
+        .with_context(|| format!("no registered node is called {name_or_id:?}"))
+}
+
+async fn propose(client: &Client, event: &Event) -> anyhow::Result<u64> {
+    let answer: ProposeAnswer = client.post("/events", event).await?;
+    match answer.outcome {
+        Outcome::Applied => Ok(answer.log_index),
+        Outcome::NoOp { reason } => bail!("refused by the cluster: {reason}"),
+    }
+}
+
+async fn register(
+    client: &Client,
+    node: &NodeConfig,
+    settings: &PgSettings,
+    role: PgRole,
+    upstream: Option<NodeId>,
+) -> anyhow::Result<u64> {
+    let section = &settings.section;
+    let event = Event::NodeRegistered(NodeRegistration {
+        node_id: node.file.node_id,
+        name: node.file.name.clone(),
+        role,
+        upstream,
+        api_addr: node.api_advertise(),
+        pg_conninfo: settings.conninfo.clone(),
+        priority: section.priority,
+        nofailover: section.nofailover,
+        nosync: section.nosync,
+    });
+    propose(client, &event).await
+}
+
+/// `raftmgr primary init`: a new primary, configured for replication, started and registered.
+pub async fn primary_init(node: &NodeConfig) -> anyhow::Result<()> {
+    let (settings, pg) = postgres(node)?;
+    let client = Client::for_node(node);
+    let view = client.cluster_consistent().await?;
+    refuse_if_registered(&view, node)?;
+    if let Some(primary) = view.state.primary.and_then(|id| view.state.nodes.get(&id)) {
+        bail!(
+            "{} is already the primary; clone a standby from it instead",
+            primary.registration.name
+        );
+    }
+    pg.require_empty_data_dir()?;
+
+    println!("initializing {} ...", pg.data_dir().display());
+    run_blocking({
+        let pg = pg.clone();
+        let name = node.file.name.clone();
+        move || {
+            pg.prepare_dirs()?;
+            pg.initdb()?;
+            pg.write_config(&name, None)?;
+            pg.start()
+        }
+    })
+    .await?;
+    let local = probe::connect(&pg.local_conninfo(), CONNECT_TIMEOUT).await?;
+    ensure_replication_role(&local, settings).await?;
+    let index = register(&client, node, settings, PgRole::Primary, None).await?;
+    println!("{} is the primary (registered at log index {index})", node.file.name);
+    Ok(())
+}
+
+/// `raftmgr primary register`: registers a running primary.
+pub async fn primary_register(node: &NodeConfig) -> anyhow::Result<()> {
+    let (settings, pg) = postgres(node)?;
+    let client = Client::for_node(node);
+    let view = client.cluster_consistent().await?;
+    refuse_if_registered(&view, node)?;
+    let local = probe::connect(&pg.local_conninfo(), CONNECT_TIMEOUT)
+        .await
+        .with_context(|| format!("cannot connect to the local PostgreSQL ({})", pg.local_conninfo()))?;
+    let status = probe::status(&local, false, CONNECT_TIMEOUT).await?;
+    if status.in_recovery {
+        bail!("the local PostgreSQL is in recovery (a standby); use `standby register`");
+    }
+    ensure_replication_role(&local, settings).await?;
+    let index = register(&client, node, settings, PgRole::Primary, None).await?;
+    println!("{} registered as the primary (log index {index})", node.file.name);
+    Ok(())
+}
+
+/// `raftmgr standby clone --from NODE`: a base backup of NODE, configured to stream from it.
+pub async fn standby_clone(node: &NodeConfig, from: &str) -> anyhow::Result<()> {
+    let (_, pg) = postgres(node)?;
+    let client = Client::for_node(node);
+    let view = client.cluster_consistent().await?;
+    let upstream = find_node(&view, from)?.clone();
+    if upstream.node_id == node.file.node_id {
+        bail!("a node cannot be cloned from itself");
+    }
+    pg.require_empty_data_dir()?;
+
+    let conninfo = pg.peer_conninfo(&upstream.pg_conninfo, "postgres");
+    let remote = probe::connect(&conninfo, CONNECT_TIMEOUT)
+        .await
+        .with_context(|| format!("upstream {} ({}) is unreachable", upstream.name, upstream.pg_conninfo))?;
+    let version: String = remote.query_one("SHOW server_version_num", &[]).await?.get(0);
+    let upstream_major = version.parse::<u32>().context("server_version_num")? / 10_000;
+    let local_major = pg.binaries_major_version()?;
+    if upstream_major != local_major {
+        bail!(
+            "{} runs PostgreSQL {upstream_major}, but {} holds PostgreSQL {local_major}",
+            upstream.name,
+            pg.settings.bin_dir.display()
+        );
+    }
+    let slot = slot_name(&node.file.name);
+    let slot_exists = !remote
+        .query("SELECT 1 FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+        .await?
+        .is_empty();
+
+    println!("cloning {} into {} ...", upstream.name, pg.data_dir().display());
+    let started = std::time::Instant::now();
+    run_blocking({
+        let pg = pg.clone();
+        let name = node.file.name.clone();
+        let upstream_conninfo = upstream.pg_conninfo.clone();
+        move || {
+            pg.prepare_dirs()?;
+            pg.basebackup(&upstream_conninfo, &slot, !slot_exists)?;
+            pg.write_config(&name, Some((&upstream_conninfo, &slot)))?;
+            pg.write_standby_signal()
+        }
+    })
+    .await?;
+    println!(
+        "cloned in {:.1} s; now run `raftmgr standby register` (the agent then starts it)",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// `raftmgr standby register`: registers this node as a standby of `upstream` (default: the
+/// primary). The agent starts it as a standby.
+pub async fn standby_register(node: &NodeConfig, upstream: Option<&str>) -> anyhow::Result<()> {
+    let (settings, pg) = postgres(node)?;
+    let client = Client::for_node(node);
+    let view = client.cluster_consistent().await?;
+    refuse_if_registered(&view, node)?;
+    if !pg.is_initialized() {
+        bail!(
+            "{} holds no PostgreSQL data; run `raftmgr standby clone` first",
+            pg.data_dir().display()
+        );
+    }
+    if !pg.has_standby_signal() {
+        bail!(
+            "{} has no standby.signal; it is not set up as a standby",
+            pg.data_dir().display()
+        );
+    }
+    let upstream = match upstream {
+        Some(name) => Some(find_node(&view, name)?.node_id),
+        None => view.state.primary,
+    };
+    let index = register(&client, node, settings, PgRole::Standby, upstream).await?;
+    println!("{} registered as a standby (log index {index})", node.file.name);
+    Ok(())
+}
+
+/// `raftmgr node unregister [--node NAME]`.
+pub async fn node_unregister(node: &NodeConfig, which: Option<&str>) -> anyhow::Result<()> {
+    let client = Client::for_node(node);
+    let view = client.cluster_consistent().await?;
+    let target = match which {
+        Some(name) => find_node(&view, name)?.clone(),
+        None => view
+            .state
+            .nodes
+            .get(&node.file.node_id)
+            .map(|n| n.registration.clone())
+            .with_context(|| format!("node {} is not registered", node.file.name))?,
+    };
+    let event = Event::NodeUnregistered {
+        node_id: target.node_id,
+        reason: "raftmgr node unregister".into(),
+    };
+    let index = propose(&client, &event).await?;
+    println!("{} unregistered (log index {index})", target.name);
+    Ok(())
+}
+
+/// Creates the replication role if it is missing, with what pg_rewind needs later.
+async fn ensure_replication_role(client: &tokio_postgres::Client, settings: &PgSettings) -> anyhow::Result<()> {
+    let user = &settings.section.replication_user;
+    let exists = !client
+        .query("SELECT 1 FROM pg_roles WHERE rolname = $1", &[user])
+        .await?
+        .is_empty();
+    let password = settings.replication_password.replace('\'', "''");
+    let verb = if exists { "ALTER" } else { "CREATE" };
+    client
+        .batch_execute(&format!(
+            "{verb} ROLE \"{user}\" WITH LOGIN REPLICATION PASSWORD '{password}';
+             GRANT EXECUTE ON FUNCTION pg_catalog.pg_ls_dir(text, boolean, boolean) TO \"{user}\";
+             GRANT EXECUTE ON FUNCTION pg_catalog.pg_stat_file(text, boolean) TO \"{user}\";
+             GRANT EXECUTE ON FUNCTION pg_catalog.pg_read_binary_file(text) TO \"{user}\";
+             GRANT EXECUTE ON FUNCTION pg_catalog.pg_read_binary_file(text, bigint, bigint, boolean) TO \"{user}\";
+             GRANT pg_checkpoint TO \"{user}\";"
+        ))
+        .await
+        .with_context(|| format!("creating the replication role {user}"))?;
+    Ok(())
+}
+
+async fn run_blocking(f: impl FnOnce() -> anyhow::Result<()> + Send + 'static) -> anyhow::Result<()> {
+    tokio::task::spawn_blocking(f).await.context("a blocking task panicked")?
+}

@@ -1,0 +1,472 @@
+//! Control of the local PostgreSQL: its programs run as the data's owner (PostgreSQL refuses
+//! root), its configuration files are written by raftmgr, and it is started and stopped with
+//! pg_ctl, so it keeps running when the agent restarts.
+
+pub mod probe;
+
+use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context};
+
+use crate::config::PgSettings;
+
+/// raftmgr's settings live in this file in the data directory, included from postgresql.conf.
+pub const RAFTMGR_CONF: &str = "raftmgr.conf";
+const INCLUDE_LINE: &str = "include_if_exists = 'raftmgr.conf'\t# added by raftmgr";
+
+/// How long pg_ctl waits for a start or a stop.
+const PG_CTL_WAIT_SECS: &str = "60";
+
+/// Whether the postmaster of the data directory is running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunState {
+    Running { pid: i32 },
+    Stopped,
+}
+
+/// The local PostgreSQL instance.
+#[derive(Debug, Clone)]
+pub struct Pg {
+    pub settings: PgSettings,
+    /// The OS user to run PostgreSQL's programs as, when the agent is root.
+    run_as: Option<String>,
+    /// The OS user that connects over the Unix socket (peer authentication maps it).
+    os_user_connecting: String,
+}
+
+impl Pg {
+    pub fn new(settings: &PgSettings) -> anyhow::Result<Pg> {
+        let root = nix::unistd::geteuid().is_root();
+        let me = nix::unistd::User::from_uid(nix::unistd::geteuid())
+            .ok()
+            .flatten()
+            .map(|u| u.name)
+            .unwrap_or_else(|| "root".into());
+        let run_as = if root {
+            let user = &settings.section.os_user;
+            nix::unistd::User::from_name(user)
+                .ok()
+                .flatten()
+                .with_context(|| format!("postgres.os_user: there is no OS user {user:?}"))?;
+            Some(user.clone())
+        } else {
+            None
+        };
+        Ok(Pg {
+            settings: settings.clone(),
+            run_as,
+            os_user_connecting: me,
+        })
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.settings.section.data_directory
+    }
+
+    pub fn port(&self) -> u16 {
+        self.settings.section.port
+    }
+
+    /// The OS user that owns the data directory and runs the server.
+    pub fn owner(&self) -> String {
+        self.run_as.clone().unwrap_or_else(|| self.os_user_connecting.clone())
+    }
+
+    /// A command running `program` from bin_dir as the data's owner.
+    pub fn command(&self, program: &str) -> Command {
+        let path = self.settings.bin_dir.join(program);
+        let mut command = match &self.run_as {
+            Some(user) => {
+                let mut c = Command::new("runuser");
+                c.arg("-u").arg(user).arg("--").arg(path);
+                c
+            }
+            None => Command::new(path),
+        };
+        command.current_dir("/").env("LC_ALL", "C.UTF-8").stdin(Stdio::null());
+        command
+    }
+
+    /// libpq keywords for connecting as the superuser over the Unix socket.
+    pub fn local_conninfo(&self) -> String {
+        format!(
+            "host={} port={} user={} dbname=postgres",
+            self.settings.socket_dir.display(),
+            self.port(),
+            self.settings.section.superuser
+        )
+    }
+
+    /// libpq keywords for reaching another node as the replication user.
+    pub fn peer_conninfo(&self, node_conninfo: &str, dbname: &str) -> String {
+        format!(
+            "{node_conninfo} user={} password={} dbname={dbname}",
+            self.settings.section.replication_user,
+            quote(&self.settings.replication_password)
+        )
+    }
+
+    /// The major version of the PostgreSQL binaries (`postgres --version`).
+    pub fn binaries_major_version(&self) -> anyhow::Result<u32> {
+        let out = Command::new(self.settings.bin_dir.join("postgres"))
+            .arg("--version")
+            .output()
+            .context("running postgres --version")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        parse_major_version(&text)
+            .with_context(|| format!("cannot read a version from {:?}", text.trim()))
+    }
+
+    pub fn is_initialized(&self) -> bool {
+        self.data_dir().join("PG_VERSION").is_file()
+    }
+
+    /// Refuses a data directory that exists and is not empty.
+    pub fn require_empty_data_dir(&self) -> anyhow::Result<()> {
+        let dir = self.data_dir();
+        if let Ok(mut entries) = std::fs::read_dir(dir) {
+            if entries.next().is_some() {
+                bail!(
+                    "the data directory {} is not empty; refusing to overwrite it",
+                    dir.display()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates the data and socket folders, owned by the data's owner, and makes their parents
+    /// traversable for it.
+    pub fn prepare_dirs(&self) -> anyhow::Result<()> {
+        for (dir, mode) in [(self.data_dir(), 0o700), (self.settings.socket_dir.as_path(), 0o755)] {
+            if let Some(parent) = dir.parent() {
+                std::fs::create_dir_all(parent)
+                    .with_context(|| format!("creating {}", parent.display()))?;
+                for ancestor in parent.ancestors() {
+                    make_traversable(ancestor)?;
+                }
+            }
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))?;
+            self.chown(dir)?;
+        }
+        Ok(())
+    }
+
+    fn chown(&self, path: &Path) -> anyhow::Result<()> {
+        if let Some(user) = &self.run_as {
+            let user = nix::unistd::User::from_name(user)?.context("the OS user vanished")?;
+            nix::unistd::chown(path, Some(user.uid), Some(user.gid))
+                .with_context(|| format!("chown {} to {}", path.display(), user.name))?;
+        }
+        Ok(())
+    }
+
+    /// `initdb` with data checksums (so pg_rewind can work later) and peer/scram authentication.
+    pub fn initdb(&self) -> anyhow::Result<()> {
+        let section = &self.settings.section;
+        let out = self
+            .command("initdb")
+            .arg("-D")
+            .arg(self.data_dir())
+            .args(["-U", &section.superuser])
+            .args(["--auth-local=peer", "--auth-host=scram-sha-256"])
+            .args(["--data-checksums", "--encoding=UTF8", "--locale=C.UTF-8"])
+            .output()
+            .context("running initdb")?;
+        check("initdb", &out)
+    }
+
+    /// Writes raftmgr.conf, pg_hba.conf and pg_ident.conf, and the include in postgresql.conf.
+    /// `primary_conninfo` is set for a standby (application_name = this node's name).
+    pub fn write_config(
+        &self,
+        node_name: &str,
+        upstream: Option<(&str, &str)>,
+    ) -> anyhow::Result<()> {
+        let section = &self.settings.section;
+        let mut conf = format!(
+            "# Written by raftmgr; edits are overwritten. Put your own settings in postgresql.conf.\n\
+             listen_addresses = '{}'\n\
+             port = {}\n\
+             unix_socket_directories = '{}'\n\
+             wal_level = replica\n\
+             wal_log_hints = on\n\
+             max_wal_senders = 16\n\
+             max_replication_slots = 16\n\
+             wal_keep_size = '256MB'\n\
+             hot_standby = on\n\
+             hot_standby_feedback = on\n\
+             logging_collector = on\n\
+             log_directory = 'log'\n\
+             cluster_name = '{}'\n",
+            section.listen_address,
+            section.port,
+            self.settings.socket_dir.display(),
+            node_name,
+        );
+        if let Some((conninfo, slot)) = upstream {
+            conf += &format!(
+                "primary_conninfo = '{}'\nprimary_slot_name = '{slot}'\n",
+                escape_conf(&format!(
+                    "{} application_name={node_name}",
+                    self.peer_conninfo(conninfo, "replication")
+                ))
+            );
+        }
+        self.write_owned(RAFTMGR_CONF, &conf, 0o600)?;
+
+        let mut hba = String::from(
+            "# Written by raftmgr.\n\
+             # TYPE  DATABASE     USER  ADDRESS  METHOD\n\
+             local   all          all            peer map=raftmgr\n",
+        );
+        for cidr in &section.allowed_cidrs {
+            hba += &format!(
+                "host    all,replication  {}  {cidr}  scram-sha-256\n",
+                section.replication_user
+            );
+        }
+        self.write_owned("pg_hba.conf", &hba, 0o600)?;
+        let mut ident = String::from("# Written by raftmgr: who may connect as whom over the Unix socket.\n");
+        for os_user in [&self.os_user_connecting, &self.owner(), &"root".to_string()] {
+            ident += &format!("raftmgr  {os_user}  {}\n", section.superuser);
+        }
+        ident += &format!("raftmgr  {}  {}\n", self.owner(), self.owner());
+        self.write_owned("pg_ident.conf", &ident, 0o600)?;
+
+        let main_conf = self.data_dir().join("postgresql.conf");
+        let text = std::fs::read_to_string(&main_conf)
+            .with_context(|| format!("reading {}", main_conf.display()))?;
+        if !text.lines().any(|l| l.trim() == INCLUDE_LINE.trim()) {
+            let mut file = std::fs::OpenOptions::new().append(true).open(&main_conf)?;
+            writeln!(file, "\n{INCLUDE_LINE}")?;
+        }
+        Ok(())
+    }
+
+    fn write_owned(&self, name: &str, text: &str, mode: u32) -> anyhow::Result<()> {
+        let path = self.data_dir().join(name);
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))?;
+        self.chown(&path)
+    }
+
+    /// Makes the next start a standby start.
+    pub fn write_standby_signal(&self) -> anyhow::Result<()> {
+        self.write_owned("standby.signal", "", 0o600)
+    }
+
+    pub fn has_standby_signal(&self) -> bool {
+        self.data_dir().join("standby.signal").exists()
+    }
+
+    /// Whether a postmaster runs for this data directory (postmaster.pid names a live process).
+    pub fn run_state(&self) -> RunState {
+        let pid_file = self.data_dir().join("postmaster.pid");
+        let Ok(text) = std::fs::read_to_string(pid_file) else {
+            return RunState::Stopped;
+        };
+        let Some(pid) = text.lines().next().and_then(|l| l.trim().parse::<i32>().ok()) else {
+            return RunState::Stopped;
+        };
+        match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
+            Ok(()) | Err(nix::errno::Errno::EPERM) => RunState::Running { pid },
+            Err(_) => RunState::Stopped,
+        }
+    }
+
+    /// `Database cluster state` from pg_controldata: `in production`, `shut down`,
+    /// `shut down in recovery`, `in archive recovery`, ...
+    pub fn control_state(&self) -> anyhow::Result<String> {
+        let out = self
+            .command("pg_controldata")
+            .arg("-D")
+            .arg(self.data_dir())
+            .output()
+            .context("running pg_controldata")?;
+        check("pg_controldata", &out)?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines()
+            .find_map(|l| l.strip_prefix("Database cluster state:"))
+            .map(|s| s.trim().to_string())
+            .context("pg_controldata printed no cluster state")
+    }
+
+    /// `pg_ctl start`, waiting until it accepts connections.
+    pub fn start(&self) -> anyhow::Result<()> {
+        std::fs::create_dir_all(self.data_dir().join("log")).ok();
+        self.chown(&self.data_dir().join("log"))?;
+        let out = self
+            .command("pg_ctl")
+            .arg("start")
+            .arg("-D")
+            .arg(self.data_dir())
+            .args(["-w", "-t", PG_CTL_WAIT_SECS, "-s"])
+            .arg("-l")
+            .arg(self.data_dir().join("log").join("startup.log"))
+            // The postmaster outlives this call; it must not hold our pipes open.
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()
+            .context("running pg_ctl start")?;
+        check("pg_ctl start", &out)
+    }
+
+    /// `pg_ctl stop -m fast|immediate`.
+    pub fn stop(&self, mode: &str) -> anyhow::Result<()> {
+        let out = self
+            .command("pg_ctl")
+            .arg("stop")
+            .arg("-D")
+            .arg(self.data_dir())
+            .args(["-m", mode, "-w", "-t", PG_CTL_WAIT_SECS, "-s"])
+            .output()
+            .context("running pg_ctl stop")?;
+        check("pg_ctl stop", &out)
+    }
+
+    /// `pg_basebackup` from `upstream_conninfo` with WAL streamed and a replication slot. Shows
+    /// a progress bar on a terminal, plain progress lines otherwise.
+    pub fn basebackup(&self, upstream_conninfo: &str, slot: &str, create_slot: bool) -> anyhow::Result<()> {
+        let mut command = self.command("pg_basebackup");
+        command
+            .arg("-d")
+            .arg(self.peer_conninfo(upstream_conninfo, "replication"))
+            .arg("-D")
+            .arg(self.data_dir())
+            .args(["-X", "stream", "--checkpoint=fast", "--progress", "-S", slot]);
+        if create_slot {
+            command.arg("-C");
+        }
+        let terminal = std::io::stderr().is_terminal();
+        if terminal {
+            let status = command.status().context("running pg_basebackup")?;
+            if !status.success() {
+                bail!("pg_basebackup failed ({status})");
+            }
+            return Ok(());
+        }
+        let mut child = command
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running pg_basebackup")?;
+        let mut stderr = child.stderr.take().expect("piped");
+        let mut collected = String::new();
+        // pg_basebackup redraws its progress with '\r'; print each state as its own line.
+        let mut reader = BufReader::new(&mut stderr);
+        let mut last_line = String::new();
+        loop {
+            let mut chunk = Vec::new();
+            let n = read_until_any(&mut reader, &mut chunk)?;
+            if n == 0 {
+                break;
+            }
+            let line = String::from_utf8_lossy(&chunk).trim().to_string();
+            if !line.is_empty() && line != last_line {
+                eprintln!("pg_basebackup: {line}");
+                collected += &line;
+                collected.push('\n');
+                last_line = line;
+            }
+        }
+        let status = child.wait()?;
+        if !status.success() {
+            bail!("pg_basebackup failed ({status}): {}", collected.trim());
+        }
+        Ok(())
+    }
+}
+
+/// Reads up to and excluding the next '\r' or '\n'; returns the bytes consumed (0 at the end).
+fn read_until_any<R: BufRead>(reader: &mut R, out: &mut Vec<u8>) -> std::io::Result<usize> {
+    let mut consumed = 0;
+    let mut byte = [0u8; 1];
+    loop {
+        if reader.read(&mut byte)? == 0 {
+            return Ok(consumed);
+        }
+        consumed += 1;
+        if byte[0] == b'\r' || byte[0] == b'\n' {
+            return Ok(consumed);
+        }
+        out.push(byte[0]);
+    }
+}
+
+fn check(what: &str, out: &std::process::Output) -> anyhow::Result<()> {
+    if out.status.success() {
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    bail!("{what} failed ({}): {}{}", out.status, stderr.trim(), stdout.trim())
+}
+
+/// Gives "others" search (not read) permission on `dir` when the agent is root, so that the
+/// data's owner can reach the folders below it.
+fn make_traversable(dir: &Path) -> anyhow::Result<()> {
+    if dir.as_os_str().is_empty() || !nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    let mode = std::fs::metadata(dir)?.permissions().mode();
+    if mode & 0o001 == 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o001))
+            .with_context(|| format!("making {} traversable", dir.display()))?;
+        tracing::info!("made {} traversable (o+x) for PostgreSQL's OS user", dir.display());
+    }
+    Ok(())
+}
+
+/// The major version in `postgres (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)`.
+pub fn parse_major_version(text: &str) -> Option<u32> {
+    let version = text.split("(PostgreSQL)").nth(1)?.split_whitespace().next()?;
+    version.split('.').next()?.parse().ok()
+}
+
+/// Quotes a libpq keyword value.
+fn quote(value: &str) -> String {
+    format!("'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+/// Escapes a value for a single-quoted postgresql.conf string.
+fn escape_conf(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('\'', "''")
+}
+
+/// The replication slot for a node: PostgreSQL allows lower-case letters, digits and '_'.
+pub fn slot_name(node_name: &str) -> String {
+    let cleaned: String = node_name
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    format!("raftmgr_{cleaned}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_major_version() {
+        assert_eq!(parse_major_version("postgres (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)\n"), Some(15));
+        assert_eq!(parse_major_version("postgres (PostgreSQL) 16beta1"), None);
+        assert_eq!(parse_major_version("nonsense"), None);
+    }
+
+    #[test]
+    fn slot_names_are_valid_for_postgres() {
+        assert_eq!(slot_name("Node-2"), "raftmgr_node_2");
+    }
+
+    #[test]
+    fn conninfo_values_are_quoted() {
+        assert_eq!(quote("a b'c"), "'a b\\'c'");
+        assert_eq!(escape_conf("x='y'"), "x=''y''");
+    }
+}

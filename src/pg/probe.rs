@@ -1,0 +1,135 @@
+//! Probing PostgreSQL with tokio-postgres: the local instance over its Unix socket (everything:
+//! role, timeline, LSNs, WAL receiver, replicas), peers over TCP as the replication user (whether
+//! they answer, their role and LSN). Every probe has a deadline: a hung server is "unreachable",
+//! never a stuck agent.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use raftmgr_raft::summary::parse_lsn;
+use raftmgr_raft::{NodeId, Observation, ReplicaStatus};
+use tokio_postgres::{Client, NoTls};
+
+/// What one probe found.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PgStatus {
+    pub in_recovery: bool,
+    pub timeline: Option<u32>,
+    pub lsn: Option<u64>,
+    pub replayed_lsn: Option<u64>,
+    pub wal_receiver: Option<String>,
+    pub replicas: Vec<ReplicaStatus>,
+}
+
+impl PgStatus {
+    pub fn observation(&self, observer: NodeId, subject: NodeId) -> Observation {
+        Observation {
+            observer,
+            subject,
+            reachable: true,
+            in_recovery: Some(self.in_recovery),
+            timeline: self.timeline,
+            lsn: self.lsn,
+            replayed_lsn: self.replayed_lsn,
+            lag_bytes: None,
+            wal_receiver: self.wal_receiver.clone(),
+            replicas: self.replicas.clone(),
+        }
+    }
+}
+
+pub fn unreachable(observer: NodeId, subject: NodeId) -> Observation {
+    Observation {
+        observer,
+        subject,
+        reachable: false,
+        in_recovery: None,
+        timeline: None,
+        lsn: None,
+        replayed_lsn: None,
+        lag_bytes: None,
+        wal_receiver: None,
+        replicas: vec![],
+    }
+}
+
+/// Connects with `conninfo` within `timeout`.
+pub async fn connect(conninfo: &str, timeout: Duration) -> anyhow::Result<Client> {
+    let mut config: tokio_postgres::Config = conninfo.parse().context("bad conninfo")?;
+    config.connect_timeout(timeout);
+    let (client, connection) = tokio::time::timeout(timeout, config.connect(NoTls))
+        .await
+        .context("connecting timed out")??;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+const STATUS_SQL: &str = "\
+SELECT pg_is_in_recovery(),
+       CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_lsn()::text END,
+       CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_walfile_name(pg_current_wal_lsn()) END,
+       pg_last_wal_receive_lsn()::text,
+       pg_last_wal_replay_lsn()::text,
+       (SELECT timeline_id FROM pg_control_checkpoint()),
+       (SELECT received_tli FROM pg_stat_wal_receiver LIMIT 1),
+       (SELECT status FROM pg_stat_wal_receiver LIMIT 1)";
+
+const REPLICAS_SQL: &str = "\
+SELECT application_name, state, sync_state, replay_lsn::text,
+       (EXTRACT(EPOCH FROM replay_lag) * 1000)::bigint
+FROM pg_stat_replication ORDER BY application_name";
+
+/// The full status of a PostgreSQL, including `pg_stat_replication` when `with_replicas`.
+pub async fn status(client: &Client, with_replicas: bool, timeout: Duration) -> anyhow::Result<PgStatus> {
+    tokio::time::timeout(timeout, query_status(client, with_replicas))
+        .await
+        .context("probe query timed out")?
+}
+
+async fn query_status(client: &Client, with_replicas: bool) -> anyhow::Result<PgStatus> {
+    let row = client.query_one(STATUS_SQL, &[]).await?;
+    let in_recovery: bool = row.get(0);
+    let current: Option<String> = row.get(1);
+    let walfile: Option<String> = row.get(2);
+    let received: Option<String> = row.get(3);
+    let replayed: Option<String> = row.get(4);
+    let checkpoint_timeline: Option<i32> = row.get(5);
+    let receiver_timeline: Option<i32> = row.get(6);
+    let wal_receiver: Option<String> = row.get(7);
+
+    let timeline = if in_recovery {
+        receiver_timeline.or(checkpoint_timeline).map(|t| t as u32)
+    } else {
+        // The WAL file name starts with the timeline in hex; the checkpoint's can lag behind a
+        // promotion until the next checkpoint.
+        walfile
+            .as_deref()
+            .and_then(|f| u32::from_str_radix(f.get(0..8)?, 16).ok())
+            .or(checkpoint_timeline.map(|t| t as u32))
+    };
+    let lsn = if in_recovery { received.as_deref().or(replayed.as_deref()) } else { current.as_deref() };
+    let mut status = PgStatus {
+        in_recovery,
+        timeline,
+        lsn: lsn.and_then(parse_lsn),
+        replayed_lsn: replayed.as_deref().and_then(parse_lsn),
+        wal_receiver,
+        replicas: Vec::new(),
+    };
+    if with_replicas {
+        for row in client.query(REPLICAS_SQL, &[]).await? {
+            let replay_lsn: Option<String> = row.get(3);
+            let lag_ms: Option<i64> = row.get(4);
+            status.replicas.push(ReplicaStatus {
+                name: row.get::<_, Option<String>>(0).unwrap_or_default(),
+                state: row.get::<_, Option<String>>(1).unwrap_or_default(),
+                sync_state: row.get::<_, Option<String>>(2).unwrap_or_default(),
+                replay_lsn: replay_lsn.as_deref().and_then(parse_lsn),
+                replay_lag_ms: lag_ms.map(|ms| ms.max(0) as u64),
+            });
+        }
+    }
+    Ok(status)
+}
