@@ -131,7 +131,8 @@ pub fn render_cluster(view: &ClusterView) -> String {
             .and_then(|id| state.nodes.get(&id))
             .map_or("none".to_string(), |n| n.registration.name.clone()),
         raft.term,
-        raft.leader.map_or("none".to_string(), |id| format!("node {id}")),
+        raft.leader
+            .map_or("none".to_string(), |id| format!("node {id}")),
         show(raft.last_applied_index),
     );
     if view.nodes.is_empty() {
@@ -193,7 +194,9 @@ fn lag(bytes: Option<u64>, ms: Option<u64>) -> String {
 
 /// `raftmgr cluster events`: one line per event, oldest first.
 pub fn render_events(events: &[raftmgr_raft::state::RecordedEvent]) -> String {
-    let mut rows = vec![["Index", "Event", "Node", "Outcome", "Details"].map(String::from).to_vec()];
+    let mut rows = vec![["Index", "Event", "Node", "Outcome", "Details"]
+        .map(String::from)
+        .to_vec()];
     for e in events {
         let outcome = match &e.outcome {
             raftmgr_raft::Outcome::Applied => "applied".to_string(),

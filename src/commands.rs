@@ -4,7 +4,7 @@
 
 use anyhow::{bail, Context};
 use raftmgr_api::{ClusterView, ProposeAnswer};
-use raftmgr_raft::{Event, NodeRegistration, NodeId, Outcome, PgRole};
+use raftmgr_raft::{Event, NodeId, NodeRegistration, Outcome, PgRole};
 
 use crate::client::Client;
 use crate::config::{NodeConfig, PgSettings};
@@ -42,7 +42,10 @@ fn refuse_if_registered(view: &ClusterView, node: &NodeConfig) -> anyhow::Result
 /// Finds a registered node by name or id.
 fn find_node<'a>(view: &'a ClusterView, name_or_id: &str) -> anyhow::Result<&'a NodeRegistration> {
     let state = &view.state;
-    let by_id = name_or_id.parse::<NodeId>().ok().and_then(|id| state.nodes.get(&id));
+    let by_id = name_or_id
+        .parse::<NodeId>()
+        .ok()
+        .and_then(|id| state.nodes.get(&id));
     by_id
         .or_else(|| state.node_by_name(name_or_id))
         .map(|n| &n.registration)
@@ -108,7 +111,10 @@ pub async fn primary_init(node: &NodeConfig) -> anyhow::Result<()> {
     let local = probe::connect(&pg.local_conninfo(), CONNECT_TIMEOUT).await?;
     ensure_replication_role(&local, settings).await?;
     let index = register(&client, node, settings, PgRole::Primary, None).await?;
-    println!("{} is the primary (registered at log index {index})", node.file.name);
+    println!(
+        "{} is the primary (registered at log index {index})",
+        node.file.name
+    );
     Ok(())
 }
 
@@ -120,14 +126,22 @@ pub async fn primary_register(node: &NodeConfig) -> anyhow::Result<()> {
     refuse_if_registered(&view, node)?;
     let local = probe::connect(&pg.local_conninfo(), CONNECT_TIMEOUT)
         .await
-        .with_context(|| format!("cannot connect to the local PostgreSQL ({})", pg.local_conninfo()))?;
+        .with_context(|| {
+            format!(
+                "cannot connect to the local PostgreSQL ({})",
+                pg.local_conninfo()
+            )
+        })?;
     let status = probe::status(&local, false, CONNECT_TIMEOUT).await?;
     if status.in_recovery {
         bail!("the local PostgreSQL is in recovery (a standby); use `standby register`");
     }
     ensure_replication_role(&local, settings).await?;
     let index = register(&client, node, settings, PgRole::Primary, None).await?;
-    println!("{} registered as the primary (log index {index})", node.file.name);
+    println!(
+        "{} registered as the primary (log index {index})",
+        node.file.name
+    );
     Ok(())
 }
 
@@ -145,8 +159,16 @@ pub async fn standby_clone(node: &NodeConfig, from: &str) -> anyhow::Result<()> 
     let conninfo = pg.peer_conninfo(&upstream.pg_conninfo, "postgres");
     let remote = probe::connect(&conninfo, CONNECT_TIMEOUT)
         .await
-        .with_context(|| format!("upstream {} ({}) is unreachable", upstream.name, upstream.pg_conninfo))?;
-    let version: String = remote.query_one("SHOW server_version_num", &[]).await?.get(0);
+        .with_context(|| {
+            format!(
+                "upstream {} ({}) is unreachable",
+                upstream.name, upstream.pg_conninfo
+            )
+        })?;
+    let version: String = remote
+        .query_one("SHOW server_version_num", &[])
+        .await?
+        .get(0);
     let upstream_major = version.parse::<u32>().context("server_version_num")? / 10_000;
     let local_major = pg.binaries_major_version()?;
     if upstream_major != local_major {
@@ -158,11 +180,18 @@ pub async fn standby_clone(node: &NodeConfig, from: &str) -> anyhow::Result<()> 
     }
     let slot = slot_name(&node.file.name);
     let slot_exists = !remote
-        .query("SELECT 1 FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+        .query(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
         .await?
         .is_empty();
 
-    println!("cloning {} into {} ...", upstream.name, pg.data_dir().display());
+    println!(
+        "cloning {} into {} ...",
+        upstream.name,
+        pg.data_dir().display()
+    );
     let started = std::time::Instant::now();
     run_blocking({
         let pg = pg.clone();
@@ -207,7 +236,10 @@ pub async fn standby_register(node: &NodeConfig, upstream: Option<&str>) -> anyh
         None => view.state.primary,
     };
     let index = register(&client, node, settings, PgRole::Standby, upstream).await?;
-    println!("{} registered as a standby (log index {index})", node.file.name);
+    println!(
+        "{} registered as a standby (log index {index})",
+        node.file.name
+    );
     Ok(())
 }
 
@@ -234,7 +266,10 @@ pub async fn node_unregister(node: &NodeConfig, which: Option<&str>) -> anyhow::
 }
 
 /// Creates the replication role if it is missing, with what pg_rewind needs later.
-async fn ensure_replication_role(client: &tokio_postgres::Client, settings: &PgSettings) -> anyhow::Result<()> {
+async fn ensure_replication_role(
+    client: &tokio_postgres::Client,
+    settings: &PgSettings,
+) -> anyhow::Result<()> {
     let user = &settings.section.replication_user;
     let exists = !client
         .query("SELECT 1 FROM pg_roles WHERE rolname = $1", &[user])
@@ -256,6 +291,10 @@ async fn ensure_replication_role(client: &tokio_postgres::Client, settings: &PgS
     Ok(())
 }
 
-async fn run_blocking(f: impl FnOnce() -> anyhow::Result<()> + Send + 'static) -> anyhow::Result<()> {
-    tokio::task::spawn_blocking(f).await.context("a blocking task panicked")?
+async fn run_blocking(
+    f: impl FnOnce() -> anyhow::Result<()> + Send + 'static,
+) -> anyhow::Result<()> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .context("a blocking task panicked")?
 }

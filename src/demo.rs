@@ -59,12 +59,18 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let dir = match &args.dir {
         Some(dir) => {
             if std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some()) {
-                bail!("{} is not empty; choose another --dir or remove it", dir.display());
+                bail!(
+                    "{} is not empty; choose another --dir or remove it",
+                    dir.display()
+                );
             }
             std::fs::create_dir_all(dir)?;
             dir.canonicalize()?
         }
-        None => tempfile::Builder::new().prefix("raftmgr-demo-").tempdir()?.keep(),
+        None => tempfile::Builder::new()
+            .prefix("raftmgr-demo-")
+            .tempdir()?
+            .keep(),
     };
     println!("demo folder: {}", dir.display());
     let mut nodes = Vec::new();
@@ -85,7 +91,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
         println!("removed {}", dir.display());
     } else {
-        println!("stopped; the data is in {} (remove it, or run with --clean)", dir.display());
+        println!(
+            "stopped; the data is in {} (remove it, or run with --clean)",
+            dir.display()
+        );
     }
     result.map_err(|_| anyhow::anyhow!("the demo did not come up"))
 }
@@ -168,14 +177,22 @@ async fn bring_up(dir: &Path, nodes: &mut [DemoNode]) -> anyhow::Result<()> {
     let first = Client::for_node(&nodes[0].config);
     for node in nodes.iter() {
         let client = Client::for_node(&node.config);
-        wait_for(&format!("{}'s agent", node.name), Duration::from_secs(20), || async {
-            client.cluster().await.map(|_| ())
-        })
+        wait_for(
+            &format!("{}'s agent", node.name),
+            Duration::from_secs(20),
+            || async { client.cluster().await.map(|_| ()) },
+        )
         .await?;
     }
     let _: serde_json::Value = first.post("/cluster/init", &serde_json::json!({})).await?;
     wait_for("a Raft leader", Duration::from_secs(20), || async {
-        first.cluster().await?.raft.leader.map(|_| ()).context("no leader yet")
+        first
+            .cluster()
+            .await?
+            .raft
+            .leader
+            .map(|_| ())
+            .context("no leader yet")
     })
     .await?;
 
@@ -187,8 +204,16 @@ async fn bring_up(dir: &Path, nodes: &mut [DemoNode]) -> anyhow::Result<()> {
     let standbys = nodes.len() - 1;
     let view = wait_for("the standbys to stream", READY_TIMEOUT, || async {
         let view = first.cluster().await?;
-        let streaming = view.nodes.iter().filter(|n| n.summary.status == "streaming").count();
-        let primary = view.nodes.iter().filter(|n| n.summary.role == "primary" && n.summary.status == "running").count();
+        let streaming = view
+            .nodes
+            .iter()
+            .filter(|n| n.summary.status == "streaming")
+            .count();
+        let primary = view
+            .nodes
+            .iter()
+            .filter(|n| n.summary.role == "primary" && n.summary.status == "running")
+            .count();
         if primary == 1 && streaming == standbys {
             Ok(view)
         } else {
@@ -198,7 +223,10 @@ async fn bring_up(dir: &Path, nodes: &mut [DemoNode]) -> anyhow::Result<()> {
     .await?;
 
     let info: Vec<NodeInfo> = nodes.iter().map(node_info).collect();
-    std::fs::write(dir.join("cluster.json"), serde_json::to_string_pretty(&info)?)?;
+    std::fs::write(
+        dir.join("cluster.json"),
+        serde_json::to_string_pretty(&info)?,
+    )?;
     println!("\n{}", render_cluster(&view));
     for node in &info {
         println!(
@@ -206,12 +234,20 @@ async fn bring_up(dir: &Path, nodes: &mut [DemoNode]) -> anyhow::Result<()> {
             node.name, node.api, node.pg_port, node.conninfo
         );
     }
-    println!("\nconfigs and data: {}; for scripts: {}", dir.display(), dir.join("cluster.json").display());
+    println!(
+        "\nconfigs and data: {}; for scripts: {}",
+        dir.display(),
+        dir.join("cluster.json").display()
+    );
     Ok(())
 }
 
 fn node_info(node: &DemoNode) -> NodeInfo {
-    let pg = node.config.postgres.as_ref().expect("demo nodes have [postgres]");
+    let pg = node
+        .config
+        .postgres
+        .as_ref()
+        .expect("demo nodes have [postgres]");
     let section = &pg.section;
     NodeInfo {
         name: node.name.clone(),
@@ -244,7 +280,9 @@ fn tear_down(nodes: &mut [DemoNode]) {
         }
     }
     for node in nodes.iter() {
-        let Some(settings) = &node.config.postgres else { continue };
+        let Some(settings) = &node.config.postgres else {
+            continue;
+        };
         let Ok(pg) = Pg::new(settings) else { continue };
         if let RunState::Running { .. } = pg.run_state() {
             match pg.stop("fast") {

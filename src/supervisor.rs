@@ -111,7 +111,10 @@ impl Supervisor {
         }
     }
 
-    async fn probe_local(&self, client: &mut Option<tokio_postgres::Client>) -> anyhow::Result<PgStatus> {
+    async fn probe_local(
+        &self,
+        client: &mut Option<tokio_postgres::Client>,
+    ) -> anyhow::Result<PgStatus> {
         if client.as_ref().is_none_or(|c| c.is_closed()) {
             *client = Some(probe::connect(&self.pg.local_conninfo(), PROBE_TIMEOUT).await?);
         }
@@ -182,7 +185,12 @@ async fn probe_peers(
             .nodes
             .values()
             .filter(|n| n.registration.node_id != me)
-            .map(|n| (n.registration.node_id, pg.peer_conninfo(&n.registration.pg_conninfo, "postgres")))
+            .map(|n| {
+                (
+                    n.registration.node_id,
+                    pg.peer_conninfo(&n.registration.pg_conninfo, "postgres"),
+                )
+            })
             .collect();
         let probes = peers.into_iter().map(|(subject, conninfo)| async move {
             let status = async {
@@ -220,7 +228,12 @@ fn recorded_by(state: &ClusterState, me: NodeId) -> BTreeMap<NodeId, (Observatio
     state
         .nodes
         .iter()
-        .filter_map(|(id, node)| Some((*id, (node.health.get(&me)?.observation.clone(), Instant::now()))))
+        .filter_map(|(id, node)| {
+            Some((
+                *id,
+                (node.health.get(&me)?.observation.clone(), Instant::now()),
+            ))
+        })
         .collect()
 }
 
@@ -264,7 +277,11 @@ impl Recorder {
 
     async fn record(&mut self, observation: Observation) {
         let subject = observation.subject;
-        match self.proposer.propose(Event::HealthObserved(observation.clone())).await {
+        match self
+            .proposer
+            .propose(Event::HealthObserved(observation.clone()))
+            .await
+        {
             Ok(_) => {
                 self.last.insert(subject, (observation, Instant::now()));
             }

@@ -183,7 +183,8 @@ async fn events(
     State(api): State<Api>,
     filter: Result<Query<EventFilter>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Vec<RecordedEvent>>, ApiError> {
-    let Query(filter) = filter.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let Query(filter) =
+        filter.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     let state = api.store.cluster_state();
     let node = match &filter.node {
         None => None,

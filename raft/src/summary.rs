@@ -181,7 +181,11 @@ mod tests {
     fn status_follows_the_majority_and_upstream_comes_from_the_primary() {
         let mut state = ClusterState::default();
         for (i, id) in [1, 2, 3].into_iter().enumerate() {
-            let role = if id == 1 { PgRole::Primary } else { PgRole::Standby };
+            let role = if id == 1 {
+                PgRole::Primary
+            } else {
+                PgRole::Standby
+            };
             register(&mut state, id, role, i as u64 + 1);
         }
         let mut primary_self = seen(1, 1, true);

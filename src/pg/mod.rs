@@ -72,7 +72,9 @@ impl Pg {
 
     /// The OS user that owns the data directory and runs the server.
     pub fn owner(&self) -> String {
-        self.run_as.clone().unwrap_or_else(|| self.os_user_connecting.clone())
+        self.run_as
+            .clone()
+            .unwrap_or_else(|| self.os_user_connecting.clone())
     }
 
     /// A command running `program` from bin_dir as the data's owner.
@@ -86,7 +88,10 @@ impl Pg {
             }
             None => Command::new(path),
         };
-        command.current_dir("/").env("LC_ALL", "C.UTF-8").stdin(Stdio::null());
+        command
+            .current_dir("/")
+            .env("LC_ALL", "C.UTF-8")
+            .stdin(Stdio::null());
         command
     }
 
@@ -141,7 +146,10 @@ impl Pg {
     /// Creates the data and socket folders, owned by the data's owner, and makes their parents
     /// traversable for it.
     pub fn prepare_dirs(&self) -> anyhow::Result<()> {
-        for (dir, mode) in [(self.data_dir(), 0o700), (self.settings.socket_dir.as_path(), 0o755)] {
+        for (dir, mode) in [
+            (self.data_dir(), 0o700),
+            (self.settings.socket_dir.as_path(), 0o755),
+        ] {
             if let Some(parent) = dir.parent() {
                 std::fs::create_dir_all(parent)
                     .with_context(|| format!("creating {}", parent.display()))?;
@@ -231,7 +239,8 @@ impl Pg {
             );
         }
         self.write_owned("pg_hba.conf", &hba, 0o600)?;
-        let mut ident = String::from("# Written by raftmgr: who may connect as whom over the Unix socket.\n");
+        let mut ident =
+            String::from("# Written by raftmgr: who may connect as whom over the Unix socket.\n");
         for os_user in [&self.os_user_connecting, &self.owner(), &"root".to_string()] {
             ident += &format!("raftmgr  {os_user}  {}\n", section.superuser);
         }
@@ -270,7 +279,11 @@ impl Pg {
         let Ok(text) = std::fs::read_to_string(pid_file) else {
             return RunState::Stopped;
         };
-        let Some(pid) = text.lines().next().and_then(|l| l.trim().parse::<i32>().ok()) else {
+        let Some(pid) = text
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse::<i32>().ok())
+        else {
             return RunState::Stopped;
         };
         match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
@@ -331,14 +344,26 @@ impl Pg {
 
     /// `pg_basebackup` from `upstream_conninfo` with WAL streamed and a replication slot. Shows
     /// a progress bar on a terminal, plain progress lines otherwise.
-    pub fn basebackup(&self, upstream_conninfo: &str, slot: &str, create_slot: bool) -> anyhow::Result<()> {
+    pub fn basebackup(
+        &self,
+        upstream_conninfo: &str,
+        slot: &str,
+        create_slot: bool,
+    ) -> anyhow::Result<()> {
         let mut command = self.command("pg_basebackup");
         command
             .arg("-d")
             .arg(self.peer_conninfo(upstream_conninfo, "replication"))
             .arg("-D")
             .arg(self.data_dir())
-            .args(["-X", "stream", "--checkpoint=fast", "--progress", "-S", slot]);
+            .args([
+                "-X",
+                "stream",
+                "--checkpoint=fast",
+                "--progress",
+                "-S",
+                slot,
+            ]);
         if create_slot {
             command.arg("-C");
         }
@@ -404,7 +429,12 @@ fn check(what: &str, out: &std::process::Output) -> anyhow::Result<()> {
     }
     let stderr = String::from_utf8_lossy(&out.stderr);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    bail!("{what} failed ({}): {}{}", out.status, stderr.trim(), stdout.trim())
+    bail!(
+        "{what} failed ({}): {}{}",
+        out.status,
+        stderr.trim(),
+        stdout.trim()
+    )
 }
 
 /// Gives "others" search (not read) permission on `dir` when the agent is root, so that the
@@ -417,14 +447,21 @@ fn make_traversable(dir: &Path) -> anyhow::Result<()> {
     if mode & 0o001 == 0 {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o001))
             .with_context(|| format!("making {} traversable", dir.display()))?;
-        tracing::info!("made {} traversable (o+x) for PostgreSQL's OS user", dir.display());
+        tracing::info!(
+            "made {} traversable (o+x) for PostgreSQL's OS user",
+            dir.display()
+        );
     }
     Ok(())
 }
 
 /// The major version in `postgres (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)`.
 pub fn parse_major_version(text: &str) -> Option<u32> {
-    let version = text.split("(PostgreSQL)").nth(1)?.split_whitespace().next()?;
+    let version = text
+        .split("(PostgreSQL)")
+        .nth(1)?
+        .split_whitespace()
+        .next()?;
     version.split('.').next()?.parse().ok()
 }
 
@@ -454,7 +491,10 @@ mod tests {
 
     #[test]
     fn reads_the_major_version() {
-        assert_eq!(parse_major_version("postgres (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)\n"), Some(15));
+        assert_eq!(
+            parse_major_version("postgres (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)\n"),
+            Some(15)
+        );
         assert_eq!(parse_major_version("postgres (PostgreSQL) 16beta1"), None);
         assert_eq!(parse_major_version("nonsense"), None);
     }

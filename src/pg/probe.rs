@@ -82,7 +82,11 @@ SELECT application_name, state, sync_state, replay_lsn::text,
 FROM pg_stat_replication ORDER BY application_name";
 
 /// The full status of a PostgreSQL, including `pg_stat_replication` when `with_replicas`.
-pub async fn status(client: &Client, with_replicas: bool, timeout: Duration) -> anyhow::Result<PgStatus> {
+pub async fn status(
+    client: &Client,
+    with_replicas: bool,
+    timeout: Duration,
+) -> anyhow::Result<PgStatus> {
     tokio::time::timeout(timeout, query_status(client, with_replicas))
         .await
         .context("probe query timed out")?
@@ -109,7 +113,11 @@ async fn query_status(client: &Client, with_replicas: bool) -> anyhow::Result<Pg
             .and_then(|f| u32::from_str_radix(f.get(0..8)?, 16).ok())
             .or(checkpoint_timeline.map(|t| t as u32))
     };
-    let lsn = if in_recovery { received.as_deref().or(replayed.as_deref()) } else { current.as_deref() };
+    let lsn = if in_recovery {
+        received.as_deref().or(replayed.as_deref())
+    } else {
+        current.as_deref()
+    };
     let mut status = PgStatus {
         in_recovery,
         timeline,
