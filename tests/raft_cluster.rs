@@ -172,6 +172,7 @@ async fn snapshots_compact_the_log_and_a_new_member_catches_up_through_one() {
             "snapshot_logs_since_last = 50".into(),
             "logs_to_keep_after_snapshot = 10".into(),
         ],
+        ..Options::default()
     };
     let mut cluster = LocalCluster::start(binary(), &options).await.unwrap();
     let voters = [1, 2, 3];
@@ -224,7 +225,7 @@ async fn membership_goes_three_to_five_to_three_while_events_commit() {
     let options = Options {
         voters: 3,
         spares: 2,
-        raft_settings: vec![],
+        ..Options::default()
     };
     let mut cluster = LocalCluster::start(binary(), &options).await.unwrap();
     cluster.start_node(4).unwrap();

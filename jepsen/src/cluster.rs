@@ -30,6 +30,9 @@ pub struct Options {
     pub spares: usize,
     /// Extra `key = value` lines for every node's `[raft]` section.
     pub raft_settings: Vec<String>,
+    /// Give every node a `[postgres]` section (real PostgreSQL, run as the `postgres` OS user
+    /// when the lab runs as root).
+    pub postgres: bool,
 }
 
 impl Default for Options {
@@ -38,14 +41,21 @@ impl Default for Options {
             voters: 3,
             spares: 0,
             raft_settings: Vec::new(),
+            postgres: false,
         }
     }
 }
+
+pub const REPLICATION_PASSWORD: &str = "lab-replication-password";
 
 pub struct Node {
     pub id: NodeId,
     pub raft_addr: String,
     pub api_addr: String,
+    /// The PostgreSQL port, when the lab runs PostgreSQL.
+    pub pg_port: Option<u16>,
+    pub pg_data: PathBuf,
+    pub pg_socket_dir: PathBuf,
     pub config: PathBuf,
     pub log: PathBuf,
     child: Option<Child>,
@@ -63,15 +73,24 @@ impl LocalCluster {
     pub fn new(binary: &Path, options: &Options) -> anyhow::Result<LocalCluster> {
         anyhow::ensure!(binary.exists(), "no raftmgr binary at {}", binary.display());
         let dir = tempfile::Builder::new().prefix("raftmgr-lab-").tempdir()?;
+        if options.postgres {
+            // PostgreSQL's OS user must reach the data folders below it.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+        }
         let total = options.voters + options.spares;
-        let ports = free_ports(2 * total)?;
+        let ports = free_ports(3 * total)?;
         let mut nodes = Vec::new();
         for i in 0..total {
             let id = i as NodeId + 1;
+            let node_dir = dir.path().join(format!("node{id}"));
             nodes.push(Node {
                 id,
-                raft_addr: format!("127.0.0.1:{}", ports[2 * i]),
-                api_addr: format!("127.0.0.1:{}", ports[2 * i + 1]),
+                raft_addr: format!("127.0.0.1:{}", ports[3 * i]),
+                api_addr: format!("127.0.0.1:{}", ports[3 * i + 1]),
+                pg_port: options.postgres.then_some(ports[3 * i + 2]),
+                pg_data: node_dir.join("pgdata"),
+                pg_socket_dir: node_dir.join("socket"),
                 config: dir.path().join(format!("node{id}.toml")),
                 log: dir.path().join(format!("node{id}.log")),
                 child: None,
@@ -92,6 +111,14 @@ impl LocalCluster {
                     .map(|line| format!("{line}\n"))
                     .collect::<String>(),
             );
+            if let Some(port) = node.pg_port {
+                text += &format!(
+                    "\n[postgres]\ndata_directory = \"{}\"\nport = {port}\n\
+                     replication_password = \"{REPLICATION_PASSWORD}\"\n\
+                     probe_interval_ms = 250\npeer_probe_interval_ms = 1000\n",
+                    node.pg_data.display()
+                );
+            }
             for peer in nodes
                 .iter()
                 .take(options.voters)
@@ -214,6 +241,101 @@ impl LocalCluster {
             Some(child) => matches!(child.try_wait(), Ok(None)),
             None => false,
         }
+    }
+
+    /// Runs `raftmgr ARGS -c nodeN.toml` and returns its output.
+    pub fn raftmgr(&self, id: NodeId, args: &[&str]) -> anyhow::Result<std::process::Output> {
+        Command::new(&self.binary)
+            .args(args)
+            .arg("-c")
+            .arg(&self.node(id).config)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running raftmgr {args:?}"))
+    }
+
+    /// Like [`raftmgr`](Self::raftmgr), failing with its output unless it succeeds.
+    pub fn raftmgr_ok(&self, id: NodeId, args: &[&str]) -> anyhow::Result<String> {
+        let out = self.raftmgr(id, args)?;
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        if !out.status.success() {
+            bail!(
+                "raftmgr {args:?} on node {id} failed ({}): {stdout}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(stdout)
+    }
+
+    /// node1 `primary init`, the others `standby clone --from node1` and `standby register`;
+    /// then waits until the committed state shows every standby streaming.
+    pub async fn setup_replication(&self, ids: &[NodeId]) -> anyhow::Result<ClusterView> {
+        let (primary, standbys) = ids.split_first().context("no nodes")?;
+        self.raftmgr_ok(*primary, &["primary", "init"])?;
+        let from = format!("node{primary}");
+        for id in standbys {
+            self.raftmgr_ok(*id, &["standby", "clone", "--from", &from])?;
+            self.raftmgr_ok(*id, &["standby", "register"])?;
+        }
+        self.wait_streaming(*primary, standbys, Duration::from_secs(60))
+            .await
+    }
+
+    /// Waits until node `via`'s view shows `primary` running as the primary and every one of
+    /// `standbys` streaming from it.
+    pub async fn wait_streaming(
+        &self,
+        primary: NodeId,
+        standbys: &[NodeId],
+        timeout: Duration,
+    ) -> anyhow::Result<ClusterView> {
+        let primary_name = format!("node{primary}");
+        wait::until("the standbys to stream", timeout, || async {
+            let view = self.view(primary).await.map_err(|e| e.to_string())?;
+            let row = |id: NodeId| view.nodes.iter().find(|n| n.summary.id == id).cloned();
+            let p = row(primary).ok_or("primary not registered")?;
+            if (p.summary.role.as_str(), p.summary.status.as_str()) != ("primary", "running") {
+                return Err(format!("primary row: {:?}", p.summary));
+            }
+            for id in standbys {
+                let s = row(*id).ok_or(format!("node {id} not registered"))?;
+                if s.summary.status != "streaming"
+                    || s.summary.upstream.as_ref() != Some(&primary_name)
+                {
+                    return Err(format!("node {id}: {:?}", s.summary));
+                }
+            }
+            Ok(view)
+        })
+        .await
+    }
+
+    /// A libpq conninfo for node `id`'s PostgreSQL as the superuser, over its Unix socket.
+    pub fn pg_conninfo(&self, id: NodeId) -> String {
+        let node = self.node(id);
+        format!(
+            "host={} port={} user=postgres dbname=postgres",
+            node.pg_socket_dir.display(),
+            node.pg_port.unwrap_or(5432)
+        )
+    }
+
+    /// Runs `pg_ctl ARGS -D <node id's data>` as PostgreSQL's OS user: for tests that act as a
+    /// DBA would by hand.
+    pub fn pg_ctl(&self, id: NodeId, args: &[&str]) -> anyhow::Result<std::process::Output> {
+        let data = self.node(id).pg_data.clone();
+        pg_command("pg_ctl")
+            .args(args)
+            .arg("-D")
+            .arg(&data)
+            .output()
+            .context("running pg_ctl")
+    }
+
+    /// The pid in node `id`'s postmaster.pid, if PostgreSQL runs.
+    pub fn postmaster_pid(&self, id: NodeId) -> Option<i32> {
+        postmaster_pid(&self.node(id).pg_data)
     }
 
     pub fn read_log(&self, id: NodeId) -> String {
@@ -373,6 +495,13 @@ impl Drop for LocalCluster {
                 let _ = child.kill();
                 let _ = child.wait();
             }
+            // Our agents started it; it outlives them by design.
+            if postmaster_pid(&node.pg_data).is_some() {
+                let _ = pg_command("pg_ctl")
+                    .args(["stop", "-m", "immediate", "-w", "-D"])
+                    .arg(&node.pg_data)
+                    .output();
+            }
             if panicking {
                 let log = std::fs::read_to_string(&node.log).unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(40).collect();
@@ -383,6 +512,34 @@ impl Drop for LocalCluster {
             }
         }
     }
+}
+
+/// The pid of the live postmaster of `data`, from its postmaster.pid.
+pub fn postmaster_pid(data: &Path) -> Option<i32> {
+    let text = std::fs::read_to_string(data.join("postmaster.pid")).ok()?;
+    let pid: i32 = text.lines().next()?.trim().parse().ok()?;
+    kill(Pid::from_raw(pid), None).ok().map(|_| pid)
+}
+
+/// A PostgreSQL program from `pg_config --bindir`, run as the `postgres` OS user when root.
+pub fn pg_command(program: &str) -> Command {
+    let bindir = Command::new("pg_config")
+        .arg("--bindir")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "/usr/lib/postgresql/15/bin".into());
+    let path = Path::new(&bindir).join(program);
+    let mut command = if nix::unistd::geteuid().is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(path);
+        c
+    } else {
+        Command::new(path)
+    };
+    command.current_dir("/").stdin(Stdio::null());
+    command
 }
 
 /// `count` distinct free TCP ports on 127.0.0.1, picked outside the ephemeral range (where the
