@@ -218,7 +218,15 @@ fn significant(o: &Observation) -> impl PartialEq + '_ {
         o.wal_receiver.as_deref(),
         o.replicas
             .iter()
-            .map(|r| (r.name.as_str(), r.state.as_str(), r.sync_state.as_str()))
+            .map(|r| {
+                let lag_known = r.replay_lsn.is_some();
+                (
+                    r.name.as_str(),
+                    r.state.as_str(),
+                    r.sync_state.as_str(),
+                    lag_known,
+                )
+            })
             .collect::<Vec<_>>(),
     )
 }

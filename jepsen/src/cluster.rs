@@ -300,9 +300,10 @@ impl LocalCluster {
             }
             for id in standbys {
                 let s = row(*id).ok_or(format!("node {id} not registered"))?;
-                if s.summary.status != "streaming"
-                    || s.summary.upstream.as_ref() != Some(&primary_name)
-                {
+                let streaming = s.summary.status == "streaming"
+                    && s.summary.upstream.as_ref() == Some(&primary_name)
+                    && s.summary.lag_bytes.is_some();
+                if !streaming {
                     return Err(format!("node {id}: {:?}", s.summary));
                 }
             }

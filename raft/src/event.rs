@@ -106,6 +106,42 @@ pub enum Event {
         generation: u64,
     },
     PromotionDecided(PromotionDecision),
+    /// The primary's agent saw its PostgreSQL die, made sure no postmaster of its data directory
+    /// runs, and gives up the primary role: failover may start without waiting for the lease.
+    PrimaryResigned {
+        primary: NodeId,
+        generation: u64,
+        reason: String,
+    },
+    /// The candidate of `generation` has promoted its PostgreSQL.
+    PromotionCompleted {
+        node_id: NodeId,
+        generation: u64,
+        timeline: Option<u32>,
+        lsn: Option<u64>,
+    },
+    /// A former primary (or a diverged standby) will be brought back as a standby.
+    RejoinPlanned {
+        node_id: NodeId,
+        generation: u64,
+        method: RejoinMethod,
+        reason: String,
+    },
+    RejoinCompleted {
+        node_id: NodeId,
+        generation: u64,
+        method: RejoinMethod,
+        duration_ms: u64,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RejoinMethod {
+    /// pg_rewind against the new primary, then start as its standby.
+    Rewind,
+    /// Only repoint `primary_conninfo`: nothing diverged.
+    Follow,
 }
 
 impl Event {
@@ -117,6 +153,10 @@ impl Event {
             Event::HealthObserved(_) => "HealthObserved",
             Event::LeaseRenewed { .. } => "LeaseRenewed",
             Event::PromotionDecided(_) => "PromotionDecided",
+            Event::PrimaryResigned { .. } => "PrimaryResigned",
+            Event::PromotionCompleted { .. } => "PromotionCompleted",
+            Event::RejoinPlanned { .. } => "RejoinPlanned",
+            Event::RejoinCompleted { .. } => "RejoinCompleted",
         }
     }
 
@@ -128,6 +168,10 @@ impl Event {
             Event::HealthObserved(o) => o.subject,
             Event::LeaseRenewed { primary, .. } => *primary,
             Event::PromotionDecided(d) => d.candidate,
+            Event::PrimaryResigned { primary, .. } => *primary,
+            Event::PromotionCompleted { node_id, .. }
+            | Event::RejoinPlanned { node_id, .. }
+            | Event::RejoinCompleted { node_id, .. } => *node_id,
         }
     }
 }

@@ -5,9 +5,11 @@
 //! network lives in `network`, `server` and `forward`.
 
 pub mod codec;
+pub mod decide;
 pub mod event;
 pub mod forward;
 pub mod network;
+pub mod reconcile;
 pub mod server;
 pub mod state;
 pub mod types;
@@ -16,7 +18,7 @@ pub mod summary;
 
 pub use event::{
     CandidateAssessment, Event, NodeRegistration, Observation, PgRole, PromotionDecision,
-    ReplicaStatus,
+    RejoinMethod, ReplicaStatus,
 };
 pub use state::{ClusterState, Outcome};
 pub use summary::NodeSummary;

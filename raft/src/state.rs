@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use crate::event::{Event, NodeRegistration, Observation, PgRole, PromotionDecision};
+use crate::event::{Event, NodeRegistration, Observation, PgRole, PromotionDecision, RejoinMethod};
 use crate::types::NodeId;
 
 /// How many recent events and decisions the state keeps for display. The log itself is compacted.
@@ -45,6 +45,16 @@ pub struct NodeRecord {
     pub registered_at_log_index: u64,
     /// The latest observation of this node by each observer.
     pub health: BTreeMap<NodeId, HealthRecord>,
+    /// A rejoin planned and not completed yet.
+    #[serde(default)]
+    pub rejoining: Option<RejoinRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RejoinRecord {
+    pub generation: u64,
+    pub method: RejoinMethod,
+    pub log_index: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,6 +92,11 @@ pub struct ClusterState {
     pub generation: u64,
     /// The primary of `generation`, if any.
     pub primary: Option<NodeId>,
+    /// The primary of `generation` resigned: failover may start at once.
+    pub primary_resigned: bool,
+    /// The primary of `generation` reported its PostgreSQL promoted (or was registered as a
+    /// running primary).
+    pub primary_ready: bool,
     pub nodes: BTreeMap<NodeId, NodeRecord>,
     pub lease: Option<LeaseRecord>,
     /// The newest promotion decisions, oldest first, at most [`DECISIONS_MAX`].
@@ -114,6 +129,27 @@ impl ClusterState {
                 generation,
             } => self.renew_lease(*primary, *generation, log_index),
             Event::PromotionDecided(decision) => self.promote(decision, log_index),
+            Event::PrimaryResigned {
+                primary,
+                generation,
+                ..
+            } => self.resign(*primary, *generation),
+            Event::PromotionCompleted {
+                node_id,
+                generation,
+                ..
+            } => self.promotion_completed(*node_id, *generation),
+            Event::RejoinPlanned {
+                node_id,
+                generation,
+                method,
+                ..
+            } => self.rejoin_planned(*node_id, *generation, *method, log_index),
+            Event::RejoinCompleted {
+                node_id,
+                generation,
+                ..
+            } => self.rejoin_completed(*node_id, *generation),
         };
 
         assert!(self.generation >= generation_before, "generation went back");
@@ -165,9 +201,8 @@ impl ClusterState {
                 ));
             }
             // The first primary opens a new generation, exactly as a promotion does.
-            self.generation += 1;
-            self.primary = Some(id);
-            self.lease = None;
+            self.open_generation(id);
+            self.primary_ready = true;
         }
         self.nodes.insert(
             id,
@@ -175,6 +210,7 @@ impl ClusterState {
                 registration: registration.clone(),
                 registered_at_log_index: log_index,
                 health: BTreeMap::new(),
+                rejoining: None,
             },
         );
         Outcome::Applied
@@ -244,9 +280,7 @@ impl ClusterState {
                 decision.candidate
             ));
         }
-        self.generation += 1;
-        self.primary = Some(decision.candidate);
-        self.lease = None;
+        self.open_generation(decision.candidate);
         push_bounded(
             &mut self.decisions,
             DecisionRecord {
@@ -256,6 +290,85 @@ impl ClusterState {
             },
             DECISIONS_MAX,
         );
+        Outcome::Applied
+    }
+}
+
+impl ClusterState {
+    fn open_generation(&mut self, primary: NodeId) {
+        self.generation += 1;
+        self.primary = Some(primary);
+        self.primary_resigned = false;
+        self.primary_ready = false;
+        self.lease = None;
+    }
+
+    fn is_current_primary(&self, node: NodeId, generation: u64) -> Result<(), Outcome> {
+        if generation != self.generation || self.primary != Some(node) {
+            return Err(Outcome::no_op(format!(
+                "stale: node {node} for generation {generation}, but generation {} belongs to {}",
+                self.generation,
+                describe_primary(self.primary)
+            )));
+        }
+        Ok(())
+    }
+
+    fn resign(&mut self, primary: NodeId, generation: u64) -> Outcome {
+        if let Err(stale) = self.is_current_primary(primary, generation) {
+            return stale;
+        }
+        self.primary_resigned = true;
+        self.primary_ready = false;
+        self.lease = None;
+        Outcome::Applied
+    }
+
+    fn promotion_completed(&mut self, node: NodeId, generation: u64) -> Outcome {
+        if let Err(stale) = self.is_current_primary(node, generation) {
+            return stale;
+        }
+        if self.primary_resigned {
+            return Outcome::no_op(format!("node {node} resigned in generation {generation}"));
+        }
+        self.primary_ready = true;
+        Outcome::Applied
+    }
+
+    fn rejoin_planned(
+        &mut self,
+        node: NodeId,
+        generation: u64,
+        method: RejoinMethod,
+        log_index: u64,
+    ) -> Outcome {
+        if generation != self.generation {
+            return Outcome::no_op(format!("stale rejoin plan for generation {generation}"));
+        }
+        if self.primary == Some(node) {
+            return Outcome::no_op(format!("node {node} is the primary; it does not rejoin"));
+        }
+        let Some(record) = self.nodes.get_mut(&node) else {
+            return Outcome::no_op(format!("node {node} is not registered"));
+        };
+        record.rejoining = Some(RejoinRecord {
+            generation,
+            method,
+            log_index,
+        });
+        Outcome::Applied
+    }
+
+    fn rejoin_completed(&mut self, node: NodeId, generation: u64) -> Outcome {
+        let Some(record) = self.nodes.get_mut(&node) else {
+            return Outcome::no_op(format!("node {node} is not registered"));
+        };
+        if record.rejoining.as_ref().map(|r| r.generation) != Some(generation) {
+            return Outcome::no_op(format!(
+                "node {node} had no rejoin planned in generation {generation}"
+            ));
+        }
+        record.rejoining = None;
         Outcome::Applied
     }
 }

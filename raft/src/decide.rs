@@ -1,0 +1,338 @@
+//! The decision engine, run on the Raft leader: given the committed state and what the leader
+//! measured itself (how long since it applied a lease renewal, the candidates' WAL positions just
+//! now), which promotion to propose. Pure: no clock, no I/O.
+//!
+//! Invariant 3: a promotion is proposed only when the primary resigned (committed) or the leader
+//! has seen no renewal for the lease timeout (`lease_ttl × (1 + drift) + margin`, computed by the
+//! caller), so the old primary's lease is dead on its own clock.
+
+use std::cmp::Reverse;
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::event::{CandidateAssessment, Event, PromotionDecision};
+use crate::state::ClusterState;
+use crate::summary::format_lsn;
+use crate::types::NodeId;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DecideConfig {
+    /// No promotion before this long without a lease renewal.
+    pub lease_timeout_ms: u64,
+    /// A candidate this far behind the old primary's last known LSN is not promoted.
+    pub maximum_lag_on_failover_bytes: u64,
+}
+
+/// What a candidate's PostgreSQL answered when the leader asked just now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CandidateProbe {
+    pub in_recovery: bool,
+    pub received_lsn: Option<u64>,
+    pub replayed_lsn: Option<u64>,
+}
+
+impl CandidateProbe {
+    /// What it will have replayed once it has replayed all it received.
+    pub fn lsn(&self) -> Option<u64> {
+        self.received_lsn.max(self.replayed_lsn)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct LeaderView {
+    /// Milliseconds, on the leader's monotonic clock, since it applied the current generation's
+    /// latest lease renewal (or the generation's start, or its own start, whichever is latest).
+    pub lease_silence_ms: u64,
+    /// The candidates that answered a probe; absent ones are unreachable.
+    pub probes: BTreeMap<NodeId, CandidateProbe>,
+    /// Automatic failover is paused (maintenance).
+    pub paused: bool,
+}
+
+/// Why failover is due, if it is.
+pub fn failover_reason(
+    state: &ClusterState,
+    view: &LeaderView,
+    config: &DecideConfig,
+) -> Option<String> {
+    let primary = state.primary?;
+    if view.paused {
+        return None;
+    }
+    if state.primary_resigned {
+        return Some(format!(
+            "node {primary} resigned in generation {}",
+            state.generation
+        ));
+    }
+    (view.lease_silence_ms >= config.lease_timeout_ms).then(|| {
+        format!(
+            "no lease renewal from node {primary} for {} ms (timeout {} ms)",
+            view.lease_silence_ms, config.lease_timeout_ms
+        )
+    })
+}
+
+/// The promotion to propose now, if any.
+pub fn decide(state: &ClusterState, view: &LeaderView, config: &DecideConfig) -> Option<Event> {
+    let reason = failover_reason(state, view, config)?;
+    let primary = state.primary?;
+    let primary_lsn = state
+        .nodes
+        .get(&primary)
+        .and_then(|n| n.health.get(&primary))
+        .and_then(|h| h.observation.lsn);
+
+    let mut eligible: Vec<(NodeId, u64, u32)> = Vec::new();
+    let mut assessments: BTreeMap<NodeId, CandidateAssessment> = BTreeMap::new();
+    for (id, node) in &state.nodes {
+        if *id == primary {
+            continue;
+        }
+        let r = &node.registration;
+        let probe = view.probes.get(id);
+        let lsn = probe.and_then(|p| p.lsn());
+        let not_eligible = if r.nofailover {
+            Some("tagged nofailover".to_string())
+        } else if probe.is_none() {
+            Some("unreachable".to_string())
+        } else if probe.is_some_and(|p| !p.in_recovery) {
+            Some("not in recovery".to_string())
+        } else if lsn.is_none() {
+            Some("no WAL position".to_string())
+        } else {
+            match (primary_lsn, lsn) {
+                (Some(p), Some(c))
+                    if p.saturating_sub(c) > config.maximum_lag_on_failover_bytes =>
+                {
+                    Some(format!(
+                        "{} bytes behind the old primary's last known LSN (limit {})",
+                        p - c,
+                        config.maximum_lag_on_failover_bytes
+                    ))
+                }
+                _ => None,
+            }
+        };
+        if let (None, Some(lsn)) = (&not_eligible, lsn) {
+            eligible.push((*id, lsn, r.priority));
+        }
+        assessments.insert(
+            *id,
+            CandidateAssessment {
+                node_id: *id,
+                lsn,
+                priority: r.priority,
+                eligible: not_eligible.is_none(),
+                why: not_eligible.unwrap_or_default(),
+            },
+        );
+    }
+    // Highest LSN, then highest priority, then lowest id.
+    eligible.sort_by_key(|(id, lsn, priority)| (Reverse(*lsn), Reverse(*priority), *id));
+    let &(winner, winner_lsn, winner_priority) = eligible.first()?;
+    for (id, lsn, priority) in &eligible {
+        let why = if *id == winner {
+            format!("won: LSN {}, priority {priority}", format_lsn(*lsn))
+        } else if *lsn < winner_lsn {
+            format!(
+                "lost: LSN {} is behind {}",
+                format_lsn(*lsn),
+                format_lsn(winner_lsn)
+            )
+        } else if *priority < winner_priority {
+            format!("lost: same LSN, priority {priority} < {winner_priority}")
+        } else {
+            format!("lost: same LSN and priority, node id {id} > {winner}")
+        };
+        assessments.get_mut(id).expect("assessed above").why = why;
+    }
+    Some(Event::PromotionDecided(PromotionDecision {
+        decided_for_generation: state.generation,
+        candidate: winner,
+        reason,
+        candidates: assessments.into_values().collect(),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::event::{NodeRegistration, PgRole};
+
+    const CONFIG: DecideConfig = DecideConfig {
+        lease_timeout_ms: 1500,
+        maximum_lag_on_failover_bytes: 1 << 20,
+    };
+
+    fn cluster(nodes: &[(NodeId, u32, bool)], resigned: bool) -> ClusterState {
+        let mut state = ClusterState::default();
+        for (i, (id, priority, nofailover)) in nodes.iter().enumerate() {
+            let role = if i == 0 {
+                PgRole::Primary
+            } else {
+                PgRole::Standby
+            };
+            state.apply(
+                &Event::NodeRegistered(NodeRegistration {
+                    node_id: *id,
+                    name: format!("node{id}"),
+                    role,
+                    upstream: None,
+                    api_addr: String::new(),
+                    pg_conninfo: String::new(),
+                    priority: *priority,
+                    nofailover: *nofailover,
+                    nosync: false,
+                }),
+                i as u64 + 1,
+            );
+        }
+        if resigned {
+            let primary = state.primary.unwrap();
+            let resign = Event::PrimaryResigned {
+                primary,
+                generation: state.generation,
+                reason: "test".into(),
+            };
+            state.apply(&resign, 100);
+        }
+        state
+    }
+
+    fn probe(lsn: u64) -> CandidateProbe {
+        CandidateProbe {
+            in_recovery: true,
+            received_lsn: Some(lsn),
+            replayed_lsn: Some(lsn),
+        }
+    }
+
+    fn decided(event: Option<Event>) -> PromotionDecision {
+        match event {
+            Some(Event::PromotionDecided(d)) => d,
+            other => panic!("expected a decision, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn no_promotion_while_the_lease_may_live() {
+        let state = cluster(&[(1, 100, false), (2, 100, false)], false);
+        let view = LeaderView {
+            lease_silence_ms: 1499,
+            probes: BTreeMap::from([(2, probe(10))]),
+            paused: false,
+        };
+        assert_eq!(decide(&state, &view, &CONFIG), None);
+        let expired = LeaderView {
+            lease_silence_ms: 1500,
+            ..view.clone()
+        };
+        let d = decided(decide(&state, &expired, &CONFIG));
+        assert_eq!((d.candidate, d.decided_for_generation), (2, 1));
+        assert!(d.reason.contains("no lease renewal"), "{}", d.reason);
+        let paused = LeaderView {
+            paused: true,
+            ..expired
+        };
+        assert_eq!(decide(&state, &paused, &CONFIG), None);
+    }
+
+    #[test]
+    fn a_resignation_starts_failover_at_once_and_the_best_candidate_wins() {
+        let state = cluster(
+            &[
+                (1, 100, false),
+                (2, 100, false),
+                (3, 100, false),
+                (4, 200, true),
+                (5, 50, false),
+            ],
+            true,
+        );
+        let view = LeaderView {
+            lease_silence_ms: 0,
+            probes: BTreeMap::from([
+                (2, probe(100)),
+                (3, probe(120)),
+                (4, probe(500)),
+                (5, probe(120)),
+            ]),
+            paused: false,
+        };
+        let d = decided(decide(&state, &view, &CONFIG));
+        assert_eq!(d.candidate, 3, "{d:?}");
+        assert!(d.reason.contains("resigned"));
+        let why = |id: NodeId| {
+            d.candidates
+                .iter()
+                .find(|c| c.node_id == id)
+                .unwrap()
+                .why
+                .clone()
+        };
+        assert!(why(2).contains("behind"), "{}", why(2));
+        assert!(why(4).contains("nofailover"), "{}", why(4));
+        assert!(why(5).contains("priority"), "{}", why(5));
+    }
+
+    #[test]
+    fn no_candidate_no_decision() {
+        let state = cluster(&[(1, 100, false), (2, 100, true)], true);
+        let view = LeaderView {
+            lease_silence_ms: 10_000,
+            probes: BTreeMap::from([(2, probe(1))]),
+            paused: false,
+        };
+        assert_eq!(decide(&state, &view, &CONFIG), None);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        #[test]
+        fn decisions_keep_the_invariants(
+            nodes in prop::collection::btree_map(1u64..8, (0u32..3, any::<bool>()), 1..6),
+            resigned in any::<bool>(),
+            silence in 0u64..3000,
+            paused in any::<bool>(),
+            probes in prop::collection::btree_map(1u64..8, (any::<bool>(), prop::option::of(0u64..1000)), 0..8),
+        ) {
+            let nodes: Vec<_> = nodes.into_iter().map(|(id, (p, nf))| (id, p, nf)).collect();
+            let state = cluster(&nodes, resigned);
+            let view = LeaderView {
+                lease_silence_ms: silence,
+                probes: probes.into_iter().map(|(id, (rec, lsn))| (id, CandidateProbe {
+                    in_recovery: rec, received_lsn: lsn, replayed_lsn: None,
+                })).collect(),
+                paused,
+            };
+            let Some(event) = decide(&state, &view, &CONFIG) else { return Ok(()) };
+            let Event::PromotionDecided(d) = &event else { panic!("only promotions") };
+            prop_assert!(!paused);
+            prop_assert!(resigned || silence >= CONFIG.lease_timeout_ms, "promoted while the lease may live");
+            prop_assert_eq!(d.decided_for_generation, state.generation);
+            prop_assert_ne!(Some(d.candidate), state.primary);
+            let node = &state.nodes[&d.candidate].registration;
+            prop_assert!(!node.nofailover);
+            let probe = view.probes[&d.candidate];
+            prop_assert!(probe.in_recovery);
+            for (id, other) in &view.probes {
+                let eligible = state.nodes.get(id).is_some_and(|n| !n.registration.nofailover)
+                    && Some(*id) != state.primary && other.in_recovery;
+                if eligible {
+                    prop_assert!(other.lsn() <= probe.lsn(), "a candidate with more WAL lost");
+                }
+            }
+            let mut next = state.clone();
+            prop_assert!(next.apply(&event, 1000).is_applied());
+            prop_assert_eq!(next.generation, state.generation + 1);
+            prop_assert_eq!(next.primary, Some(d.candidate));
+            // The same decision again is a recorded no-op.
+            prop_assert!(!next.apply(&event, 1001).is_applied());
+        }
+    }
+}
