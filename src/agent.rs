@@ -89,9 +89,12 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
     if let Some(settings) = &config.postgres {
         let supervisor = crate::supervisor::Supervisor {
             node_id,
+            node_name: config.file.name.clone(),
             pg: crate::pg::Pg::new(settings)?,
+            raft: raft.clone(),
             proposer: proposer.clone(),
             store: store.view.clone(),
+            timing: config.file.failover.clone(),
         };
         tokio::spawn(supervisor.run(stop_rx.clone()));
     }

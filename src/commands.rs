@@ -9,7 +9,7 @@ use raftmgr_raft::{Event, NodeId, NodeRegistration, Outcome, PgRole};
 use crate::client::Client;
 use crate::config::{NodeConfig, PgSettings};
 use crate::pg::probe;
-use crate::pg::{slot_name, Pg};
+use crate::pg::{slot_name, Pg, Upstream};
 
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -197,10 +197,15 @@ pub async fn standby_clone(node: &NodeConfig, from: &str) -> anyhow::Result<()> 
         let pg = pg.clone();
         let name = node.file.name.clone();
         let upstream_conninfo = upstream.pg_conninfo.clone();
+        let upstream_id = upstream.node_id;
         move || {
             pg.prepare_dirs()?;
             pg.basebackup(&upstream_conninfo, &slot, !slot_exists)?;
-            pg.write_config(&name, Some((&upstream_conninfo, &slot)))?;
+            let upstream = Upstream {
+                node_id: upstream_id,
+                conninfo: &upstream_conninfo,
+            };
+            pg.write_config(&name, Some(upstream))?;
             pg.write_standby_signal()
         }
     })

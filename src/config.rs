@@ -40,6 +40,52 @@ pub struct Config {
     /// (it votes and stores the log, like a witness).
     #[serde(default)]
     pub postgres: Option<PostgresSection>,
+    /// Lease and failover timing; the same on every node.
+    #[serde(default)]
+    pub failover: FailoverSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FailoverSection {
+    /// How long a committed lease renewal lets the primary take writes, on its own clock.
+    pub lease_ttl_ms: u64,
+    /// How often the primary renews its lease; at most half the TTL.
+    pub lease_renew_interval_ms: u64,
+    /// Clock-rate difference allowed between nodes, in percent of the TTL.
+    pub lease_drift_percent: u64,
+    /// Added to the drift-adjusted TTL before the leader may promote.
+    pub lease_margin_ms: u64,
+    /// A candidate further than this behind the old primary's last known LSN is not promoted.
+    pub maximum_lag_on_failover_bytes: u64,
+    /// How often the Raft leader checks whether a failover is due.
+    pub decide_interval_ms: u64,
+    /// A standby that follows the primary but has not streamed for this long is rewound.
+    pub rewind_after_ms: u64,
+}
+
+impl Default for FailoverSection {
+    fn default() -> Self {
+        FailoverSection {
+            lease_ttl_ms: 1200,
+            lease_renew_interval_ms: 400,
+            lease_drift_percent: 10,
+            lease_margin_ms: 150,
+            maximum_lag_on_failover_bytes: 16 * 1024 * 1024,
+            decide_interval_ms: 100,
+            rewind_after_ms: 5000,
+        }
+    }
+}
+
+impl FailoverSection {
+    /// How long the leader waits without a renewal before it may promote:
+    /// `ttl × (1 + drift) + margin`.
+    pub fn lease_timeout_ms(&self) -> u64 {
+        self.lease_ttl_ms
+            + self.lease_ttl_ms * self.lease_drift_percent / 100
+            + self.lease_margin_ms
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -455,6 +501,41 @@ fn validate(c: &Config) -> Result<(), (&'static str, String)> {
     }
     if let Some(pg) = &c.postgres {
         validate_postgres(pg)?;
+    }
+    let f = &c.failover;
+    if f.lease_ttl_ms < 100 {
+        return Err((
+            "failover.lease_ttl_ms",
+            format!("({}) must be at least 100", f.lease_ttl_ms),
+        ));
+    }
+    if f.lease_renew_interval_ms == 0 || f.lease_renew_interval_ms * 2 > f.lease_ttl_ms {
+        return Err((
+            "failover.lease_renew_interval_ms",
+            format!(
+                "({}) must be positive and at most half of failover.lease_ttl_ms ({}), \
+                 so that one lost renewal does not fence the primary",
+                f.lease_renew_interval_ms, f.lease_ttl_ms
+            ),
+        ));
+    }
+    if f.lease_renew_interval_ms < r.heartbeat_interval_ms {
+        return Err((
+            "failover.lease_renew_interval_ms",
+            format!(
+                "({}) must be at least raft.heartbeat_interval_ms ({})",
+                f.lease_renew_interval_ms, r.heartbeat_interval_ms
+            ),
+        ));
+    }
+    if f.decide_interval_ms == 0 || f.decide_interval_ms > f.lease_ttl_ms {
+        return Err((
+            "failover.decide_interval_ms",
+            format!(
+                "({}) must be positive and at most failover.lease_ttl_ms",
+                f.decide_interval_ms
+            ),
+        ));
     }
     let mut seen = std::collections::BTreeSet::from([c.node_id]);
     for peer in &c.peers {

@@ -74,11 +74,17 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     };
     println!("demo folder: {}", dir.display());
     let mut nodes = Vec::new();
+    // Installed before anything starts, so that a signal during bring-up still tears down.
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
     let result = async {
         nodes = write_configs(&dir, &args)?;
-        bring_up(&dir, &mut nodes).await?;
+        tokio::select! {
+            up = bring_up(&dir, &mut nodes) => up?,
+            () = &mut signal => anyhow::bail!("interrupted while starting"),
+        }
         println!("\nRunning. Press Ctrl-C (or send SIGTERM) to stop.");
-        shutdown_signal().await;
+        signal.await;
         anyhow::Ok(())
     }
     .await;

@@ -1,22 +1,24 @@
 //! The agent's care of its PostgreSQL: probe it often and the peers' less often, record what is
-//! seen in the log (on change, and as a bounded periodic summary), and keep it running — as a
-//! standby unless the committed state names this node the primary.
+//! seen in the log (on change, and as a bounded periodic summary), and let the executor
+//! (`failover`) reconcile it with the committed state: start, follow, promote, fence, rewind.
 //!
 //! A PostgreSQL that someone shut down cleanly while the agent watched is left stopped (an
-//! operator's `pg_ctl stop` is a decision, as under repmgr); one that crashed, or that is down
-//! when the agent starts, is started again.
+//! operator's `pg_ctl stop` is a decision, as under repmgr); a standby that crashed, or any node
+//! down when the agent starts, is started again; a primary that crashed resigns.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use raftmgr_raft::forward::Proposer;
-use raftmgr_raft::{ClusterState, Event, NodeId, Observation};
+use raftmgr_raft::{ClusterState, Event, NodeId, Observation, Raft};
 use raftmgr_storage::StoreView;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
+use crate::config::FailoverSection;
+use crate::failover::{self, Executor, ExecutorMemory, Lease};
 use crate::pg::probe::{self, PgStatus};
-use crate::pg::{Pg, RunState};
+use crate::pg::Pg;
 
 /// How long one probe (connect + queries) may take before the server counts as unreachable.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -26,10 +28,16 @@ const RECORDER_QUEUE: usize = 64;
 
 pub struct Supervisor {
     pub node_id: NodeId,
+    pub node_name: String,
     pub pg: Pg,
+    pub raft: Raft,
     pub proposer: Proposer,
     pub store: StoreView,
+    pub timing: FailoverSection,
 }
+
+/// The executor never runs more often than this, however often the state changes.
+const MIN_STEP_SPACING: Duration = Duration::from_millis(50);
 
 impl Supervisor {
     fn interval(ms: u64) -> Duration {
@@ -57,57 +65,90 @@ impl Supervisor {
             peer_interval,
             stop.clone(),
         ));
-        self.watch_local(tx, probe_interval, stop).await;
+        let lease = Lease::new();
+        tokio::spawn(failover::keep_lease(
+            self.node_id,
+            lease.clone(),
+            self.proposer.clone(),
+            self.store.clone(),
+            self.timing.clone(),
+            stop.clone(),
+        ));
+        tokio::spawn(failover::watchdog(
+            self.pg.clone(),
+            lease.clone(),
+            self.timing.clone(),
+            stop.clone(),
+        ));
+        tokio::spawn(failover::decide_loop(
+            self.raft.clone(),
+            self.pg.clone(),
+            self.proposer.clone(),
+            self.store.clone(),
+            self.timing.clone(),
+            stop.clone(),
+        ));
+        let executor = Executor {
+            me: self.node_id,
+            name: self.node_name.clone(),
+            pg: self.pg.clone(),
+            proposer: self.proposer.clone(),
+            lease,
+            timing: self.timing.clone(),
+        };
+        self.watch_local(executor, tx, probe_interval, stop).await;
     }
 
+    /// Probes the local PostgreSQL, records what it sees, and lets the executor reconcile —
+    /// every probe interval, and soon after the committed state changes.
     async fn watch_local(
         self,
+        executor: Executor,
         tx: mpsc::Sender<Observation>,
         interval: Duration,
         mut stop: watch::Receiver<bool>,
     ) {
         let mut client: Option<tokio_postgres::Client> = None;
-        let mut seen_running = false;
-        let mut leave_stopped = false;
+        let mut memory = ExecutorMemory::default();
+        let mut metrics = self.raft.metrics();
+        let mut applied = None;
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::select! {
-                _ = ticker.tick() => {}
+            let state_changed = tokio::select! {
+                _ = ticker.tick() => false,
+                changed = metrics.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let now = metrics.borrow_and_update().last_applied;
+                    if now == applied {
+                        continue;
+                    }
+                    applied = now;
+                    true
+                }
                 _ = stop.wait_for(|s| *s) => return,
+            };
+            if state_changed {
+                tokio::time::sleep(MIN_STEP_SPACING).await;
             }
             let state = self.store.cluster_state();
             if !state.nodes.contains_key(&self.node_id) {
                 continue; // Not registered (yet): nothing to look after.
             }
-            match self.probe_local(&mut client).await {
+            let status = match self.probe_local(&mut client).await {
                 Ok(status) => {
-                    if !seen_running || leave_stopped {
-                        tracing::info!(in_recovery = status.in_recovery, "PostgreSQL is running");
-                    }
-                    seen_running = true;
-                    leave_stopped = false;
                     let _ = tx.try_send(status.observation(self.node_id, self.node_id));
+                    Some(status)
                 }
-                Err(e) => {
+                Err(_) => {
                     client = None;
                     let _ = tx.try_send(probe::unreachable(self.node_id, self.node_id));
-                    if leave_stopped {
-                        continue;
-                    }
-                    match self.pg.run_state() {
-                        RunState::Running { pid } => {
-                            tracing::warn!("PostgreSQL (pid {pid}) does not answer: {e:#}");
-                        }
-                        RunState::Stopped => {
-                            leave_stopped = self.stopped_by_hand(seen_running).await;
-                            if !leave_stopped {
-                                self.start(&state).await;
-                            }
-                        }
-                    }
+                    None
                 }
-            }
+            };
+            executor.step(&state, status.as_ref(), &mut memory).await;
         }
     }
 
@@ -120,44 +161,6 @@ impl Supervisor {
         }
         let connected = client.as_ref().expect("connected above");
         probe::status(connected, true, PROBE_TIMEOUT).await
-    }
-
-    /// A clean shutdown seen while the agent was watching: someone stopped it on purpose.
-    async fn stopped_by_hand(&self, seen_running: bool) -> bool {
-        if !seen_running {
-            return false;
-        }
-        let pg = self.pg.clone();
-        let state = tokio::task::spawn_blocking(move || pg.control_state()).await;
-        match state {
-            Ok(Ok(state)) if state.starts_with("shut down") => {
-                tracing::warn!(
-                    "PostgreSQL was shut down cleanly ({state}) by someone else; leaving it stopped. \
-                     Start it with pg_ctl when the maintenance is done."
-                );
-                true
-            }
-            _ => false,
-        }
-    }
-
-    /// Starts PostgreSQL: read-write only if the committed state names this node the primary.
-    async fn start(&self, state: &ClusterState) {
-        let as_primary = state.primary == Some(self.node_id);
-        let pg = self.pg.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            if !as_primary && !pg.has_standby_signal() {
-                pg.write_standby_signal()?;
-            }
-            pg.start()
-        })
-        .await;
-        let role = if as_primary { "primary" } else { "standby" };
-        match result {
-            Ok(Ok(())) => tracing::info!("started PostgreSQL as a {role}"),
-            Ok(Err(e)) => tracing::error!("cannot start PostgreSQL as a {role}: {e:#}"),
-            Err(e) => tracing::error!("starting PostgreSQL panicked: {e}"),
-        }
     }
 }
 

@@ -156,15 +156,16 @@ async fn init_clone_and_register_give_streaming_standbys_and_refusals_change_not
     assert_eq!(count_rows(&cluster, 2).await.unwrap(), 1000);
     let after = cluster.view(1).await.unwrap();
     assert_eq!(registrations(&after), registrations(&before));
-    assert_eq!(
-        after.state.nodes,
-        before
+    let registered = |v: &ClusterView| {
+        let nodes: Vec<_> = v
             .state
             .nodes
-            .iter()
-            .map(|(k, v)| (*k, v.clone()))
-            .collect()
-    );
+            .values()
+            .map(|n| n.registration.clone())
+            .collect();
+        (nodes, v.state.generation, v.state.primary)
+    };
+    assert_eq!(registered(&after), registered(&before));
 }
 
 #[tokio::test]
@@ -217,7 +218,13 @@ async fn agents_restart_without_touching_postgres_and_a_hand_stopped_standby_sho
         end_index - start_index,
         started.elapsed()
     );
-    assert!(per_second <= 3.0, "{per_second:.2} events/s while idle");
+    // The budget: the primary's lease renewals (every 400 ms by default: 2.5/s) plus at most one
+    // observation per second across the cluster.
+    let budget = 1000.0 / 400.0 + 1.0;
+    assert!(
+        per_second <= budget,
+        "{per_second:.2} events/s while idle (budget {budget}/s)"
+    );
 
     // A standby stopped by hand: the committed state shows it down (by a majority), and the
     // agent leaves it stopped; started again by hand, it streams again.

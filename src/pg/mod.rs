@@ -20,6 +20,16 @@ const INCLUDE_LINE: &str = "include_if_exists = 'raftmgr.conf'\t# added by raftm
 /// How long pg_ctl waits for a start or a stop.
 const PG_CTL_WAIT_SECS: &str = "60";
 
+/// The comment line in raftmgr.conf that names the node `primary_conninfo` points at.
+const UPSTREAM_MARKER: &str = "# raftmgr upstream node: ";
+
+/// The node a standby streams from.
+#[derive(Debug, Clone, Copy)]
+pub struct Upstream<'a> {
+    pub node_id: u64,
+    pub conninfo: &'a str,
+}
+
 /// Whether the postmaster of the data directory is running.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RunState {
@@ -193,7 +203,7 @@ impl Pg {
     pub fn write_config(
         &self,
         node_name: &str,
-        upstream: Option<(&str, &str)>,
+        upstream: Option<Upstream<'_>>,
     ) -> anyhow::Result<()> {
         let section = &self.settings.section;
         let mut conf = format!(
@@ -216,13 +226,15 @@ impl Pg {
             self.settings.socket_dir.display(),
             node_name,
         );
-        if let Some((conninfo, slot)) = upstream {
+        if let Some(upstream) = upstream {
             conf += &format!(
-                "primary_conninfo = '{}'\nprimary_slot_name = '{slot}'\n",
+                "{UPSTREAM_MARKER}{}\nprimary_conninfo = '{}'\nprimary_slot_name = '{}'\n",
+                upstream.node_id,
                 escape_conf(&format!(
                     "{} application_name={node_name}",
-                    self.peer_conninfo(conninfo, "replication")
-                ))
+                    self.peer_conninfo(upstream.conninfo, "replication")
+                )),
+                slot_name(node_name),
             );
         }
         self.write_owned(RAFTMGR_CONF, &conf, 0o600)?;
@@ -271,6 +283,53 @@ impl Pg {
 
     pub fn has_standby_signal(&self) -> bool {
         self.data_dir().join("standby.signal").exists()
+    }
+
+    pub fn remove_standby_signal(&self) -> anyhow::Result<()> {
+        match std::fs::remove_file(self.data_dir().join("standby.signal")) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// The node raftmgr.conf's `primary_conninfo` points at, if any.
+    pub fn following(&self) -> Option<u64> {
+        let text = std::fs::read_to_string(self.data_dir().join(RAFTMGR_CONF)).ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(UPSTREAM_MARKER))
+            .and_then(|id| id.trim().parse().ok())
+    }
+
+    /// `pg_ctl reload`: primary_conninfo changes take effect without a restart (PostgreSQL 13+).
+    pub fn reload(&self) -> anyhow::Result<()> {
+        let out = self
+            .command("pg_ctl")
+            .arg("reload")
+            .arg("-D")
+            .arg(self.data_dir())
+            .args(["-s"])
+            .output()
+            .context("running pg_ctl reload")?;
+        check("pg_ctl reload", &out)
+    }
+
+    /// `pg_rewind` of this (stopped) data directory from `source_conninfo`. PostgreSQL 13+ runs
+    /// crash recovery first when the target was not shut down cleanly.
+    pub fn rewind(&self, source_conninfo: &str) -> anyhow::Result<String> {
+        let out = self
+            .command("pg_rewind")
+            .arg("--target-pgdata")
+            .arg(self.data_dir())
+            .arg("--source-server")
+            .arg(self.peer_conninfo(source_conninfo, "postgres"))
+            .output()
+            .context("running pg_rewind")?;
+        check("pg_rewind", &out)?;
+        Ok(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
     }
 
     /// Whether a postmaster runs for this data directory (postmaster.pid names a live process).

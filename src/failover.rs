@@ -1,0 +1,591 @@
+//! The imperative shell around `decide` and `reconcile`: the primary's lease (renewal and
+//! fencing), the Raft leader's decision loop, and the executor that carries out the reconciler's
+//! actions on the local PostgreSQL and reports them as events.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use raftmgr_raft::decide::{self, CandidateProbe, DecideConfig, LeaderView};
+use raftmgr_raft::forward::Proposer;
+use raftmgr_raft::reconcile::{self, Action, Local};
+use raftmgr_raft::{ClusterState, Event, NodeId, Outcome, Raft, RejoinMethod};
+use raftmgr_storage::StoreView;
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+
+use crate::config::FailoverSection;
+use crate::pg::probe::{self, PgStatus};
+use crate::pg::{Pg, RunState, Upstream};
+
+/// How often the fencing watchdog looks at the lease.
+const WATCHDOG_INTERVAL: Duration = Duration::from_millis(25);
+/// Fence this long before the lease runs out, to cover the time the fence takes.
+const FENCE_MARGIN: Duration = Duration::from_millis(100);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+const CANDIDATE_PROBE_TIMEOUT: Duration = Duration::from_millis(700);
+/// How long a candidate may take to replay what it received before it promotes anyway.
+const REPLAY_WAIT: Duration = Duration::from_secs(10);
+
+/// This agent's lease, shared by the renewer, the watchdog and the executor.
+#[derive(Debug)]
+pub struct Lease {
+    state: Mutex<LeaseState>,
+    /// Wakes the renewer at once (a promotion needs a lease before anything else).
+    pub wake: Notify,
+    /// Set by the executor from its probes: the local PostgreSQL accepts writes.
+    writable: Mutex<bool>,
+    /// The watchdog fenced PostgreSQL since the executor last looked.
+    fenced: Mutex<bool>,
+    /// The generation this agent last saw itself primary of.
+    primary_of: Mutex<Option<u64>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum LeaseState {
+    /// No renewal has committed since this agent saw itself primary (at `since`).
+    Unknown {
+        since: Instant,
+    },
+    Held {
+        until: Instant,
+        generation: u64,
+    },
+    /// A renewal came back a no-op: another generation owns the cluster.
+    Lost,
+}
+
+impl Lease {
+    pub fn new() -> Arc<Lease> {
+        Arc::new(Lease {
+            state: Mutex::new(LeaseState::Unknown {
+                since: Instant::now(),
+            }),
+            wake: Notify::new(),
+            writable: Mutex::new(false),
+            fenced: Mutex::new(false),
+            primary_of: Mutex::new(None),
+        })
+    }
+
+    /// Whether a committed renewal for `generation` still covers now.
+    pub fn held_for(&self, generation: u64) -> bool {
+        matches!(*self.state.lock().unwrap(), LeaseState::Held { until, generation: g }
+            if g == generation && Instant::now() + FENCE_MARGIN < until)
+    }
+
+    fn set(&self, state: LeaseState) {
+        *self.state.lock().unwrap() = state;
+    }
+
+    fn set_writable(&self, writable: bool) {
+        *self.lock_writable() = writable;
+    }
+
+    fn lock_writable(&self) -> std::sync::MutexGuard<'_, bool> {
+        self.writable.lock().unwrap()
+    }
+
+    /// Called by whoever first sees the committed state name this node primary of `generation`:
+    /// the grace for the first renewal starts then.
+    pub fn note_primary(&self, generation: u64) {
+        let mut primary_of = self.primary_of.lock().unwrap();
+        if *primary_of != Some(generation) {
+            *primary_of = Some(generation);
+            self.set(LeaseState::Unknown {
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// Whether the watchdog fenced PostgreSQL since the last call.
+    pub fn take_fenced(&self) -> bool {
+        std::mem::take(&mut *self.fenced.lock().unwrap())
+    }
+
+    /// Whether a writable PostgreSQL must be fenced now. A node that just became primary in
+    /// this agent's eyes (a registration, an agent restart beside a running primary) gets until
+    /// its first renewal could have committed.
+    fn must_fence(&self, grace: Duration) -> bool {
+        match *self.state.lock().unwrap() {
+            LeaseState::Unknown { since } => since.elapsed() > grace,
+            LeaseState::Held { until, .. } => Instant::now() + FENCE_MARGIN >= until,
+            LeaseState::Lost => true,
+        }
+    }
+}
+
+/// Renews the lease while the committed state names this node the primary.
+pub async fn keep_lease(
+    me: NodeId,
+    lease: Arc<Lease>,
+    proposer: Proposer,
+    store: StoreView,
+    timing: FailoverSection,
+    mut stop: watch::Receiver<bool>,
+) {
+    let ttl = Duration::from_millis(timing.lease_ttl_ms);
+    let interval = Duration::from_millis(timing.lease_renew_interval_ms);
+    loop {
+        let state = store.cluster_state();
+        if state.primary == Some(me) && !state.primary_resigned {
+            let generation = state.generation;
+            lease.note_primary(generation);
+            let started = Instant::now();
+            let renewal = Event::LeaseRenewed {
+                primary: me,
+                generation,
+            };
+            match tokio::time::timeout(ttl, proposer.propose(renewal)).await {
+                Ok(Ok(applied)) => match applied.outcome {
+                    Outcome::Applied => lease.set(LeaseState::Held {
+                        until: started + ttl,
+                        generation,
+                    }),
+                    Outcome::NoOp { reason } => {
+                        tracing::warn!("lease renewal refused: {reason}");
+                        lease.set(LeaseState::Lost);
+                    }
+                },
+                Ok(Err(e)) => tracing::warn!("cannot renew the lease: {e}"),
+                Err(_) => tracing::warn!("lease renewal not committed within {ttl:?}"),
+            }
+        } else if state.nodes.contains_key(&me) {
+            lease.set(LeaseState::Lost);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = lease.wake.notified() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// Fences the local PostgreSQL (immediate stop) when it is writable without a live lease.
+pub async fn watchdog(
+    pg: Pg,
+    lease: Arc<Lease>,
+    timing: FailoverSection,
+    mut stop: watch::Receiver<bool>,
+) {
+    let grace = Duration::from_millis(timing.lease_ttl_ms - timing.lease_renew_interval_ms);
+    let mut ticker = tokio::time::interval(WATCHDOG_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        if !*lease.lock_writable() || !lease.must_fence(grace) {
+            continue;
+        }
+        tracing::warn!("fencing: PostgreSQL is writable but this node holds no lease");
+        fence(&pg, &lease).await;
+    }
+}
+
+async fn fence(pg: &Pg, lease: &Lease) {
+    let pg = pg.clone();
+    match tokio::task::spawn_blocking(move || pg.stop("immediate")).await {
+        Ok(Ok(())) => {
+            lease.set_writable(false);
+            *lease.fenced.lock().unwrap() = true;
+            tracing::warn!("fenced: PostgreSQL stopped (immediate)");
+        }
+        Ok(Err(e)) => tracing::error!("fencing failed: {e:#}"),
+        Err(e) => tracing::error!("fencing panicked: {e}"),
+    }
+}
+
+/// On the Raft leader: watches the lease and proposes a promotion when `decide` says so.
+pub async fn decide_loop(
+    raft: Raft,
+    pg: Pg,
+    proposer: Proposer,
+    store: StoreView,
+    timing: FailoverSection,
+    mut stop: watch::Receiver<bool>,
+) {
+    let config = DecideConfig {
+        lease_timeout_ms: timing.lease_timeout_ms(),
+        maximum_lag_on_failover_bytes: timing.maximum_lag_on_failover_bytes,
+    };
+    let mut ticker = tokio::time::interval(Duration::from_millis(timing.decide_interval_ms));
+    let mut last_key = None;
+    let mut last_change = Instant::now();
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let state = store.cluster_state();
+        // Silence is measured from when this agent saw the newest renewal (or generation)
+        // applied: never earlier than the primary proposed it.
+        let key = (state.generation, state.lease.as_ref().map(|l| l.log_index));
+        if last_key != Some(key) {
+            last_key = Some(key);
+            last_change = Instant::now();
+        }
+        let leader = raft.metrics().borrow().state == openraft::ServerState::Leader;
+        if !leader {
+            continue;
+        }
+        let mut view = LeaderView {
+            lease_silence_ms: last_change.elapsed().as_millis() as u64,
+            probes: Default::default(),
+            paused: false,
+        };
+        if decide::failover_reason(&state, &view, &config).is_none() {
+            continue;
+        }
+        view.probes = probe_candidates(&pg, &state).await;
+        let Some(event) = decide::decide(&state, &view, &config) else {
+            tracing::warn!("failover is due but no candidate is eligible");
+            continue;
+        };
+        if let Event::PromotionDecided(d) = &event {
+            tracing::warn!(candidate = d.candidate, "deciding a failover: {}", d.reason);
+        }
+        match proposer.propose(event).await {
+            Ok(applied) => tracing::info!("promotion decision committed: {:?}", applied.outcome),
+            Err(e) => tracing::warn!("cannot commit the promotion decision: {e}"),
+        }
+    }
+}
+
+/// Asks every standby's PostgreSQL for its WAL position now.
+async fn probe_candidates(
+    pg: &Pg,
+    state: &ClusterState,
+) -> std::collections::BTreeMap<NodeId, CandidateProbe> {
+    let candidates = state
+        .nodes
+        .values()
+        .filter(|n| Some(n.registration.node_id) != state.primary)
+        .map(|n| {
+            (
+                n.registration.node_id,
+                pg.peer_conninfo(&n.registration.pg_conninfo, "postgres"),
+            )
+        });
+    let probes = candidates.map(|(id, conninfo)| async move {
+        let status = async {
+            let client = probe::connect(&conninfo, CANDIDATE_PROBE_TIMEOUT).await?;
+            probe::status(&client, false, CANDIDATE_PROBE_TIMEOUT).await
+        };
+        status.await.ok().map(|s| {
+            (
+                id,
+                CandidateProbe {
+                    in_recovery: s.in_recovery,
+                    received_lsn: s.lsn,
+                    replayed_lsn: s.replayed_lsn,
+                },
+            )
+        })
+    });
+    futures::future::join_all(probes)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+/// What the executor remembers between ticks.
+#[derive(Debug, Default)]
+pub struct ExecutorMemory {
+    pub seen_running: bool,
+    /// raftmgr itself stopped PostgreSQL (a fence, a rewind): not a crash, not an operator.
+    pub expected_down: bool,
+    pub not_streaming_since: Option<Instant>,
+    /// After a failed action, no new action before this time (doubling up to a limit).
+    pub retry_at: Option<Instant>,
+    pub failures: u32,
+}
+
+/// Backoff after a failed action: 500 ms, doubling, at most 10 s.
+fn backoff(failures: u32) -> Duration {
+    Duration::from_millis(500u64 << failures.min(5)).min(Duration::from_secs(10))
+}
+
+/// One step of the executor: measure, reconcile, act.
+pub struct Executor {
+    pub me: NodeId,
+    pub name: String,
+    pub pg: Pg,
+    pub proposer: Proposer,
+    pub lease: Arc<Lease>,
+    pub timing: FailoverSection,
+}
+
+impl Executor {
+    pub async fn step(
+        &self,
+        state: &ClusterState,
+        status: Option<&PgStatus>,
+        memory: &mut ExecutorMemory,
+    ) {
+        if self.lease.take_fenced() {
+            memory.expected_down = true;
+        }
+        if state.primary == Some(self.me) && !state.primary_resigned {
+            self.lease.note_primary(state.generation);
+        }
+        let running = matches!(self.pg.run_state(), RunState::Running { .. });
+        let writable = status.is_some_and(|s| !s.in_recovery);
+        self.lease.set_writable(writable);
+        if status.is_some() {
+            memory.seen_running = true;
+            memory.expected_down = false;
+        }
+        let control = if running {
+            None
+        } else {
+            self.control_state().await
+        };
+        let clean = control
+            .as_deref()
+            .is_some_and(|c| c.starts_with("shut down"));
+        // A fresh base backup carries the primary's control file ("in production") and a
+        // backup_label; only without the label did this data directory run as a primary.
+        let was_primary = matches!(control.as_deref(), Some("in production" | "shut down"))
+            && !self.pg.data_dir().join("backup_label").exists();
+        let following = self.pg.following();
+        let streaming = status.is_some_and(|s| s.wal_receiver.as_deref() == Some("streaming"));
+        if status.is_some_and(|s| s.in_recovery) && !streaming && following == state.primary {
+            memory.not_streaming_since.get_or_insert_with(Instant::now);
+        } else {
+            memory.not_streaming_since = None;
+        }
+        let rewind_after = Duration::from_millis(self.timing.rewind_after_ms);
+        let local = Local {
+            running,
+            in_recovery: status.map(|s| s.in_recovery),
+            lease_held: self.lease.held_for(state.generation),
+            crashed: memory.seen_running && !running && !clean && !memory.expected_down,
+            stopped_by_hand: memory.seen_running && !running && clean && !memory.expected_down,
+            was_primary,
+            following,
+            stuck: memory
+                .not_streaming_since
+                .is_some_and(|t| t.elapsed() >= rewind_after),
+        };
+        let Some(action) = reconcile::reconcile(state, self.me, &local) else {
+            return;
+        };
+        if memory.retry_at.is_some_and(|at| Instant::now() < at) {
+            return;
+        }
+        tracing::info!(?action, "reconciling");
+        match self.act(state, status, &action, memory).await {
+            Ok(()) => {
+                memory.failures = 0;
+                memory.retry_at = None;
+            }
+            Err(e) => {
+                let wait = backoff(memory.failures);
+                memory.failures += 1;
+                memory.retry_at = Some(Instant::now() + wait);
+                tracing::error!(?action, "failed (next try in {wait:?}): {e:#}");
+            }
+        }
+    }
+
+    async fn control_state(&self) -> Option<String> {
+        let pg = self.pg.clone();
+        tokio::task::spawn_blocking(move || pg.control_state())
+            .await
+            .ok()?
+            .ok()
+    }
+
+    async fn act(
+        &self,
+        state: &ClusterState,
+        status: Option<&PgStatus>,
+        action: &Action,
+        memory: &mut ExecutorMemory,
+    ) -> anyhow::Result<()> {
+        let generation = state.generation;
+        match action {
+            Action::AcquireLease => self.lease.wake.notify_one(),
+            Action::Promote => self.promote().await?,
+            Action::ReportPromoted => {
+                let event = Event::PromotionCompleted {
+                    node_id: self.me,
+                    generation,
+                    timeline: status.and_then(|s| s.timeline),
+                    lsn: status.and_then(|s| s.lsn),
+                };
+                self.proposer.propose(event).await?;
+            }
+            Action::StartAsPrimary => {
+                let (pg, name) = (self.pg.clone(), self.name.clone());
+                blocking(move || {
+                    pg.remove_standby_signal()?;
+                    pg.write_config(&name, None)?;
+                    pg.start()
+                })
+                .await?;
+            }
+            Action::Resign => {
+                let event = Event::PrimaryResigned {
+                    primary: self.me,
+                    generation,
+                    reason: "its PostgreSQL died and no postmaster of its data directory runs"
+                        .into(),
+                };
+                self.proposer.propose(event).await?;
+            }
+            Action::Fence => {
+                memory.expected_down = true;
+                fence(&self.pg, &self.lease).await;
+            }
+            Action::StartAsStandby { primary } => {
+                let conninfo = self.conninfo_of(state, *primary)?;
+                self.ensure_slot(&conninfo).await?;
+                let (pg, name, id) = (self.pg.clone(), self.name.clone(), *primary);
+                blocking(move || {
+                    pg.write_config(
+                        &name,
+                        Some(Upstream {
+                            node_id: id,
+                            conninfo: &conninfo,
+                        }),
+                    )?;
+                    pg.write_standby_signal()?;
+                    pg.start()
+                })
+                .await?;
+            }
+            Action::Follow { primary } => {
+                let conninfo = self.conninfo_of(state, *primary)?;
+                self.ensure_slot(&conninfo).await?;
+                let (pg, name, id) = (self.pg.clone(), self.name.clone(), *primary);
+                blocking(move || {
+                    pg.write_config(
+                        &name,
+                        Some(Upstream {
+                            node_id: id,
+                            conninfo: &conninfo,
+                        }),
+                    )?;
+                    pg.reload()
+                })
+                .await?;
+                tracing::info!("following node {primary}");
+            }
+            Action::Rewind { primary } => {
+                memory.expected_down = true;
+                self.rewind(state, *primary).await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn conninfo_of(&self, state: &ClusterState, node: NodeId) -> anyhow::Result<String> {
+        state
+            .nodes
+            .get(&node)
+            .map(|n| n.registration.pg_conninfo.clone())
+            .ok_or_else(|| anyhow::anyhow!("node {node} is not registered"))
+    }
+
+    /// Replays what was received (bounded), then promotes.
+    async fn promote(&self) -> anyhow::Result<()> {
+        let client = probe::connect(&self.pg.local_conninfo(), PROBE_TIMEOUT).await?;
+        let deadline = Instant::now() + REPLAY_WAIT;
+        loop {
+            let row = client
+                .query_one(
+                    "SELECT pg_last_wal_receive_lsn() IS NULL \
+                     OR pg_last_wal_replay_lsn() >= pg_last_wal_receive_lsn()",
+                    &[],
+                )
+                .await?;
+            if row.get::<_, bool>(0) || Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let promoted: bool = client
+            .query_one("SELECT pg_promote(true, 60)", &[])
+            .await?
+            .get(0);
+        anyhow::ensure!(promoted, "pg_promote returned false");
+        tracing::warn!("promoted PostgreSQL to primary");
+        let (pg, name) = (self.pg.clone(), self.name.clone());
+        blocking(move || pg.write_config(&name, None)).await
+    }
+
+    /// Creates this node's replication slot on the primary if it is missing (slots are not
+    /// replicated, so a new primary has none).
+    async fn ensure_slot(&self, primary_conninfo: &str) -> anyhow::Result<()> {
+        let conninfo = self.pg.peer_conninfo(primary_conninfo, "postgres");
+        let client = probe::connect(&conninfo, PROBE_TIMEOUT).await?;
+        let slot = crate::pg::slot_name(&self.name);
+        client
+            .execute(
+                "SELECT pg_create_physical_replication_slot($1, true) \
+                 WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
+                &[&slot],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// pg_rewind from the primary, then start as its standby; reported as RejoinPlanned and
+    /// RejoinCompleted.
+    async fn rewind(&self, state: &ClusterState, primary: NodeId) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let generation = state.generation;
+        let plan = Event::RejoinPlanned {
+            node_id: self.me,
+            generation,
+            method: RejoinMethod::Rewind,
+            reason: format!("its history may have diverged from node {primary}'s"),
+        };
+        self.proposer.propose(plan).await?;
+        let conninfo = self.conninfo_of(state, primary)?;
+        // Until the new primary's first checkpoint after promotion, its control file still shows
+        // the old timeline and pg_rewind would decide that nothing needs rewinding.
+        let source =
+            probe::connect(&self.pg.peer_conninfo(&conninfo, "postgres"), PROBE_TIMEOUT).await?;
+        source.batch_execute("CHECKPOINT").await?;
+        self.ensure_slot(&conninfo).await?;
+        let (pg, name) = (self.pg.clone(), self.name.clone());
+        let output = blocking(move || {
+            if let RunState::Running { .. } = pg.run_state() {
+                pg.stop("fast")?;
+            }
+            let output = pg.rewind(&conninfo)?;
+            pg.write_config(
+                &name,
+                Some(Upstream {
+                    node_id: primary,
+                    conninfo: &conninfo,
+                }),
+            )?;
+            pg.write_standby_signal()?;
+            pg.start()?;
+            Ok(output)
+        })
+        .await?;
+        tracing::warn!(
+            "rewound from node {primary}: {}",
+            output.trim().replace('\n', "; ")
+        );
+        let done = Event::RejoinCompleted {
+            node_id: self.me,
+            generation,
+            method: RejoinMethod::Rewind,
+            duration_ms: started.elapsed().as_millis() as u64,
+        };
+        self.proposer.propose(done).await?;
+        Ok(())
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(f).await?
+}
