@@ -334,6 +334,15 @@ impl LocalCluster {
             .context("running pg_ctl")
     }
 
+    /// `kill -9` of node `id`'s postmaster (started by our agent); returns its pid.
+    pub fn kill_postmaster(&self, id: NodeId) -> anyhow::Result<i32> {
+        let pid = self
+            .postmaster_pid(id)
+            .context("PostgreSQL is not running")?;
+        kill(Pid::from_raw(pid), Signal::SIGKILL)?;
+        Ok(pid)
+    }
+
     /// The pid in node `id`'s postmaster.pid, if PostgreSQL runs.
     pub fn postmaster_pid(&self, id: NodeId) -> Option<i32> {
         postmaster_pid(&self.node(id).pg_data)
