@@ -233,7 +233,7 @@ pub mod defaults {
         100
     }
     pub fn probe_interval_ms() -> u64 {
-        500
+        250
     }
     pub fn peer_probe_interval_ms() -> u64 {
         2000

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use crate::config::FailoverSection;
 use crate::failover::{self, Executor, ExecutorMemory, Lease};
 use crate::pg::probe::{self, PgStatus};
-use crate::pg::Pg;
+use crate::pg::{Pg, RunState};
 
 /// How long one probe (connect + queries) may take before the server counts as unreachable.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -137,7 +137,18 @@ impl Supervisor {
             if !state.nodes.contains_key(&self.node_id) {
                 continue; // Not registered (yet): nothing to look after.
             }
-            let status = match self.probe_local(&mut client).await {
+            // A dead postmaster is seen at once from its pid; probing through a backend that
+            // survived it can hang until the probe times out.
+            let postmaster_alive = matches!(self.pg.run_state(), RunState::Running { .. });
+            if !postmaster_alive {
+                client = None;
+            }
+            let probed = if postmaster_alive {
+                self.probe_local(&mut client).await
+            } else {
+                Err(anyhow::anyhow!("no postmaster runs"))
+            };
+            let status = match probed {
                 Ok(status) => {
                     let _ = tx.try_send(status.observation(self.node_id, self.node_id));
                     Some(status)

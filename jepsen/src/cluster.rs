@@ -528,7 +528,18 @@ impl Drop for LocalCluster {
 pub fn postmaster_pid(data: &Path) -> Option<i32> {
     let text = std::fs::read_to_string(data.join("postmaster.pid")).ok()?;
     let pid: i32 = text.lines().next()?.trim().parse().ok()?;
-    kill(Pid::from_raw(pid), None).ok().map(|_| pid)
+    process_alive(pid).then_some(pid)
+}
+
+/// Whether `pid` is a live process (a zombie is not: `kill(pid, 0)` would say it is).
+pub fn process_alive(pid: i32) -> bool {
+    if kill(Pid::from_raw(pid), None).is_err() {
+        return false;
+    }
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| Some(stat.rsplit_once(')')?.1.trim_start().chars().next()? != 'Z'))
+        .unwrap_or(false)
 }
 
 /// A PostgreSQL program from `pg_config --bindir`, run as the `postgres` OS user when root.

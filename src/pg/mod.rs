@@ -345,9 +345,10 @@ impl Pg {
         else {
             return RunState::Stopped;
         };
-        match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
-            Ok(()) | Err(nix::errno::Errno::EPERM) => RunState::Running { pid },
-            Err(_) => RunState::Stopped,
+        if process_alive(pid) {
+            RunState::Running { pid }
+        } else {
+            RunState::Stopped
         }
     }
 
@@ -466,6 +467,23 @@ impl Pg {
     }
 }
 
+/// Whether `pid` is a live process. A killed postmaster stays a zombie until whoever inherited
+/// it reaps it, and `kill(pid, 0)` still succeeds on a zombie: read its state from /proc.
+pub fn process_alive(pid: i32) -> bool {
+    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
+        Ok(()) | Err(nix::errno::Errno::EPERM) => {}
+        Err(_) => return false,
+    }
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // "pid (comm) S ...": the state follows the last ')'.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next());
+    !matches!(state, Some('Z' | 'X') | None)
+}
+
 /// Reads up to and excluding the next '\r' or '\n'; returns the bytes consumed (0 at the end).
 fn read_until_any<R: BufRead>(reader: &mut R, out: &mut Vec<u8>) -> std::io::Result<usize> {
     let mut consumed = 0;
@@ -556,6 +574,21 @@ mod tests {
         );
         assert_eq!(parse_major_version("postgres (PostgreSQL) 16beta1"), None);
         assert_eq!(parse_major_version("nonsense"), None);
+    }
+
+    #[test]
+    fn this_process_is_alive_and_a_reaped_child_is_not() {
+        assert!(process_alive(std::process::id() as i32));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id() as i32;
+        // Exited but not reaped: a zombie, which kill(pid, 0) would call alive.
+        while std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z"))
+        {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(!process_alive(pid), "a zombie is not alive");
+        child.wait().unwrap();
+        assert!(!process_alive(pid));
     }
 
     #[test]
