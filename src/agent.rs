@@ -95,6 +95,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
             proposer: proposer.clone(),
             store: store.view.clone(),
             timing: config.file.failover.clone(),
+            agent_data_dir: config.file.data_dir.clone(),
         };
         tokio::spawn(supervisor.run(stop_rx.clone()));
     }

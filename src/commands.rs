@@ -3,7 +3,7 @@
 //! registration is an event committed through the node's agent.
 
 use anyhow::{bail, Context};
-use raftmgr_api::{ClusterView, ProposeAnswer};
+use raftmgr_api::{ClusterView, ProposeAnswer, SwitchoverAnswer, SwitchoverRequest};
 use raftmgr_raft::{Event, NodeId, NodeRegistration, Outcome, PgRole};
 
 use crate::client::Client;
@@ -302,4 +302,51 @@ async fn run_blocking(
     tokio::task::spawn_blocking(f)
         .await
         .context("a blocking task panicked")?
+}
+
+/// How long `switchover` waits for the new primary.
+const SWITCHOVER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// `raftmgr switchover [--to NODE]`: requests it, then (with `wait`) waits for the new primary.
+pub async fn switchover(
+    client: &Client,
+    candidate: Option<String>,
+    wait: bool,
+) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let request = SwitchoverRequest {
+        leader: None,
+        candidate,
+    };
+    let answer: SwitchoverAnswer = client.post("/switchover", &request).await?;
+    println!(
+        "switchover from {} to {} requested (log index {})",
+        answer.from,
+        answer.candidate.as_deref().unwrap_or("the best standby"),
+        answer.log_index
+    );
+    if !wait {
+        return Ok(());
+    }
+    let deadline = std::time::Instant::now() + SWITCHOVER_TIMEOUT;
+    loop {
+        let view = client.cluster().await?;
+        let state = &view.state;
+        if state.generation > answer.generation && state.primary_ready {
+            let name = state
+                .primary
+                .and_then(|p| state.nodes.get(&p))
+                .map_or("?".to_string(), |n| n.registration.name.clone());
+            println!(
+                "{name} is the primary (generation {}) after {:.2} s",
+                state.generation,
+                started.elapsed().as_secs_f64()
+            );
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!("no new primary within {SWITCHOVER_TIMEOUT:?}; see `raftmgr cluster events`");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }

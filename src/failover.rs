@@ -14,6 +14,7 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 use crate::config::FailoverSection;
+use crate::guard::{self, GuardMode};
 use crate::pg::probe::{self, PgStatus};
 use crate::pg::{Pg, RunState, Upstream};
 
@@ -26,10 +27,15 @@ const CANDIDATE_PROBE_TIMEOUT: Duration = Duration::from_millis(700);
 /// How long a candidate may take to replay what it received before it promotes anyway.
 const REPLAY_WAIT: Duration = Duration::from_secs(10);
 
-/// This agent's lease, shared by the renewer, the watchdog and the executor.
+/// This agent's lease, shared by the renewer, the watchdog and the executor, and mirrored to the
+/// lease guard's file (`guard`).
 #[derive(Debug)]
 pub struct Lease {
     state: Mutex<LeaseState>,
+    /// Where the lease guard reads the expiry; `None` in tests of the lease alone.
+    guard_file: Option<std::path::PathBuf>,
+    /// How long a node that just became primary may run writable before its first renewal.
+    grace: Duration,
     /// Wakes the renewer at once (a promotion needs a lease before anything else).
     pub wake: Notify,
     /// Set by the executor from its probes: the local PostgreSQL accepts writes.
@@ -52,14 +58,18 @@ enum LeaseState {
     },
     /// A renewal came back a no-op: another generation owns the cluster.
     Lost,
+    /// The committed state does not name this node primary.
+    NotPrimary,
 }
 
 impl Lease {
-    pub fn new() -> Arc<Lease> {
+    pub fn new(guard_file: Option<std::path::PathBuf>, timing: &FailoverSection) -> Arc<Lease> {
         Arc::new(Lease {
             state: Mutex::new(LeaseState::Unknown {
                 since: Instant::now(),
             }),
+            guard_file,
+            grace: Duration::from_millis(timing.lease_ttl_ms - timing.lease_renew_interval_ms),
             wake: Notify::new(),
             writable: Mutex::new(false),
             fenced: Mutex::new(false),
@@ -75,6 +85,27 @@ impl Lease {
 
     fn set(&self, state: LeaseState) {
         *self.state.lock().unwrap() = state;
+        let Some(path) = &self.guard_file else { return };
+        let now = Instant::now();
+        let now_ns = guard::monotonic_ns();
+        let until_ns =
+            |until: Instant| now_ns + until.saturating_duration_since(now).as_nanos() as u64;
+        let mode = match state {
+            LeaseState::Held { until, .. } => GuardMode::Primary {
+                until_ns: until_ns(until),
+            },
+            LeaseState::Unknown { since } => GuardMode::Primary {
+                until_ns: until_ns(since + self.grace),
+            },
+            LeaseState::Lost => GuardMode::Primary { until_ns: 0 },
+            LeaseState::NotPrimary => GuardMode::Standby,
+        };
+        if let Err(e) = guard::write_lease_file(path, mode) {
+            tracing::error!(
+                "cannot write the lease guard's file {}: {e}",
+                path.display()
+            );
+        }
     }
 
     fn set_writable(&self, writable: bool) {
@@ -105,11 +136,11 @@ impl Lease {
     /// Whether a writable PostgreSQL must be fenced now. A node that just became primary in
     /// this agent's eyes (a registration, an agent restart beside a running primary) gets until
     /// its first renewal could have committed.
-    fn must_fence(&self, grace: Duration) -> bool {
+    fn must_fence(&self) -> bool {
         match *self.state.lock().unwrap() {
-            LeaseState::Unknown { since } => since.elapsed() > grace,
+            LeaseState::Unknown { since } => since.elapsed() > self.grace,
             LeaseState::Held { until, .. } => Instant::now() + FENCE_MARGIN >= until,
-            LeaseState::Lost => true,
+            LeaseState::Lost | LeaseState::NotPrimary => true,
         }
     }
 }
@@ -149,8 +180,10 @@ pub async fn keep_lease(
                 Ok(Err(e)) => tracing::warn!("cannot renew the lease: {e}"),
                 Err(_) => tracing::warn!("lease renewal not committed within {ttl:?}"),
             }
-        } else if state.nodes.contains_key(&me) {
-            lease.set(LeaseState::Lost);
+        } else if state.nodes.contains_key(&me)
+            && !matches!(*lease.state.lock().unwrap(), LeaseState::NotPrimary)
+        {
+            lease.set(LeaseState::NotPrimary);
         }
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
@@ -161,20 +194,14 @@ pub async fn keep_lease(
 }
 
 /// Fences the local PostgreSQL (immediate stop) when it is writable without a live lease.
-pub async fn watchdog(
-    pg: Pg,
-    lease: Arc<Lease>,
-    timing: FailoverSection,
-    mut stop: watch::Receiver<bool>,
-) {
-    let grace = Duration::from_millis(timing.lease_ttl_ms - timing.lease_renew_interval_ms);
+pub async fn watchdog(pg: Pg, lease: Arc<Lease>, mut stop: watch::Receiver<bool>) {
     let mut ticker = tokio::time::interval(WATCHDOG_INTERVAL);
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        if !*lease.lock_writable() || !lease.must_fence(grace) {
+        if !*lease.lock_writable() || !lease.must_fence() {
             continue;
         }
         tracing::warn!("fencing: PostgreSQL is writable but this node holds no lease");
@@ -363,6 +390,7 @@ impl Executor {
             crashed: memory.seen_running && !running && !clean && !memory.expected_down,
             stopped_by_hand: memory.seen_running && !running && clean && !memory.expected_down,
             was_primary,
+            clean_shutdown: clean,
             following,
             stuck: memory
                 .not_streaming_since
@@ -427,13 +455,24 @@ impl Executor {
                 .await?;
             }
             Action::Resign => {
+                let reason = if state.pending_switchover().is_some() {
+                    "switchover: its PostgreSQL shut down cleanly after sending all WAL"
+                } else {
+                    "its PostgreSQL died and no postmaster of its data directory runs"
+                };
                 let event = Event::PrimaryResigned {
                     primary: self.me,
                     generation,
-                    reason: "its PostgreSQL died and no postmaster of its data directory runs"
-                        .into(),
+                    reason: reason.into(),
                 };
                 self.proposer.propose(event).await?;
+            }
+            Action::StopForSwitchover => {
+                memory.expected_down = true;
+                let pg = self.pg.clone();
+                blocking(move || pg.stop("fast")).await?;
+                self.lease.set_writable(false);
+                tracing::warn!("switchover: PostgreSQL shut down cleanly");
             }
             Action::Fence => {
                 memory.expected_down = true;

@@ -8,6 +8,7 @@ mod commands;
 mod config;
 mod demo;
 mod failover;
+mod guard;
 mod logging;
 mod pg;
 mod supervisor;
@@ -53,6 +54,25 @@ enum Command {
     Node(NodeCommand),
     /// Run a local cluster on this machine: node1 primary, the others streaming standbys.
     Demo(demo::DemoArgs),
+    /// Switch the primary over to another node (planned, clean: no rewind needed).
+    Switchover {
+        #[command(flatten)]
+        target: client::Target,
+        /// The node to promote (default: the best streaming standby).
+        #[arg(long, value_name = "NODE")]
+        to: Option<String>,
+        /// Return once requested instead of waiting for the new primary.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// The agent's fencing sidecar (started by the agent; not for direct use).
+    #[command(hide = true)]
+    LeaseGuard {
+        #[arg(long)]
+        lease_file: PathBuf,
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -72,6 +92,8 @@ enum PrimaryCommand {
 
 #[derive(Debug, Subcommand)]
 enum StandbyCommand {
+    /// Promote this standby by a planned switchover (repmgr's verb).
+    Switchover(ConfigArg),
     /// Clone a standby from a registered node with pg_basebackup.
     Clone {
         #[command(flatten)]
@@ -161,6 +183,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Agent { config } => run_agent(&config),
+        Command::LeaseGuard {
+            lease_file,
+            data_dir,
+        } => match guard::run(&lease_file, &data_dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("lease-guard: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         command => {
             logging::init(None);
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -216,7 +248,7 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
 
 async fn run_command(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Agent { .. } => unreachable!("handled in main"),
+        Command::Agent { .. } | Command::LeaseGuard { .. } => unreachable!("handled in main"),
         Command::Cluster(ClusterCommand::Init { target }) => {
             let answer: serde_json::Value = client::Client::new(&target)?
                 .post("/cluster/init", &serde_json::json!({}))
@@ -294,6 +326,19 @@ async fn run_command(command: Command) -> anyhow::Result<()> {
             commands::standby_register(&load(&config)?, upstream.as_deref()).await?
         }
         Command::Demo(args) => demo::run(args).await?,
+        Command::Switchover {
+            target,
+            to,
+            no_wait,
+        } => {
+            let client = client::Client::new(&target)?;
+            commands::switchover(&client, to, !no_wait).await?
+        }
+        Command::Standby(StandbyCommand::Switchover(c)) => {
+            let node = load(&c)?;
+            let client = client::Client::for_node(&node);
+            commands::switchover(&client, Some(node.file.name.clone()), true).await?
+        }
         Command::Node(NodeCommand::Unregister { config, node }) => {
             commands::node_unregister(&load(&config)?, node.as_deref()).await?
         }

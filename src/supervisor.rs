@@ -34,6 +34,8 @@ pub struct Supervisor {
     pub proposer: Proposer,
     pub store: StoreView,
     pub timing: FailoverSection,
+    /// The agent's own folder (the lease guard's files live there).
+    pub agent_data_dir: std::path::PathBuf,
 }
 
 /// The executor never runs more often than this, however often the state changes.
@@ -65,7 +67,13 @@ impl Supervisor {
             peer_interval,
             stop.clone(),
         ));
-        let lease = Lease::new();
+        let (lease_file, guard_pid_file) = crate::guard::paths(&self.agent_data_dir);
+        if let Err(e) =
+            crate::guard::ensure_running(&lease_file, self.pg.data_dir(), &guard_pid_file)
+        {
+            tracing::error!("no lease guard: {e:#}; a paused or dead agent cannot be fenced");
+        }
+        let lease = Lease::new(Some(lease_file), &self.timing);
         tokio::spawn(failover::keep_lease(
             self.node_id,
             lease.clone(),
@@ -77,7 +85,6 @@ impl Supervisor {
         tokio::spawn(failover::watchdog(
             self.pg.clone(),
             lease.clone(),
-            self.timing.clone(),
             stop.clone(),
         ));
         tokio::spawn(failover::decide_loop(

@@ -213,3 +213,211 @@ async fn a_crashed_primary_node_fails_over_by_lease_and_is_rewound_on_return() {
     .await
     .unwrap();
 }
+
+/// Inserts into node `id` until stopped; returns the acknowledgement times of the rows written.
+async fn write_until(
+    cluster: &LocalCluster,
+    id: NodeId,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Vec<Instant> {
+    let mut acked = Vec::new();
+    let mut next: i32 = 1_000;
+    while !*stop.borrow() {
+        let attempt = async {
+            let (client, connection) =
+                tokio_postgres::connect(&cluster.pg_conninfo(id), NoTls).await?;
+            tokio::spawn(connection);
+            loop {
+                if *stop.borrow() {
+                    return anyhow::Ok(());
+                }
+                let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&next];
+                let insert = client.execute("INSERT INTO acked VALUES ($1)", &params);
+                tokio::time::timeout(Duration::from_secs(1), insert).await??;
+                acked.push(Instant::now());
+                next += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        if attempt.await.is_err() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    acked
+}
+
+/// Polls the standbys every 10 ms until one of them has left recovery; returns when it saw it.
+async fn first_seen_promoted(cluster: &LocalCluster, candidates: &[NodeId]) -> (NodeId, Instant) {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        for id in candidates {
+            if let Ok(rows) = sql(cluster, *id, "SELECT pg_is_in_recovery()").await {
+                if !rows[0].get::<_, bool>(0) {
+                    return (*id, Instant::now());
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "no standby was promoted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The old primary must stop acknowledging writes before the new one is promoted.
+async fn assert_fenced_before_promotion(cluster: &LocalCluster, fault: impl FnOnce()) -> NodeId {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let writer = write_until(cluster, 1, stop_rx);
+    let observe = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        fault();
+        let seen = first_seen_promoted(cluster, &[2, 3]).await;
+        stop_tx.send(true).unwrap();
+        seen
+    };
+    let (acked, (new_primary, promoted_seen)) = tokio::join!(writer, observe);
+    let last_ack = *acked
+        .last()
+        .expect("writes were acknowledged before the fault");
+    // The poll sees a promotion at most ~30 ms after it happened: keep a margin beyond that.
+    assert!(
+        last_ack + Duration::from_millis(50) < promoted_seen,
+        "the old primary acknowledged a write {:?} before the new primary was seen promoted",
+        promoted_seen.saturating_duration_since(last_ack)
+    );
+    eprintln!(
+        "last write acknowledged by the old primary {:?} before node {new_primary} was seen promoted",
+        promoted_seen - last_ack
+    );
+    new_primary
+}
+
+#[tokio::test]
+async fn a_paused_primary_agent_is_fenced_before_the_new_primary_takes_writes() {
+    let cluster = replicated_cluster().await;
+    cluster.wait_streaming(1, &[2, 3], TIMEOUT).await.unwrap();
+    let agent = nix::unistd::Pid::from_raw(cluster.pid(1).unwrap() as i32);
+
+    let new_primary = assert_fenced_before_promotion(&cluster, || {
+        nix::sys::signal::kill(agent, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    })
+    .await;
+    assert!(
+        cluster
+            .read_log(1)
+            .contains("lease-guard: the lease ran out"),
+        "the guard fenced"
+    );
+
+    // Resumed, the agent sees it is no longer the primary and rejoins.
+    nix::sys::signal::kill(agent, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let others: Vec<NodeId> = [1, 2, 3]
+        .into_iter()
+        .filter(|id| *id != new_primary)
+        .collect();
+    cluster
+        .wait_streaming(new_primary, &others, TIMEOUT)
+        .await
+        .unwrap();
+    let in_recovery: bool = sql(&cluster, 1, "SELECT pg_is_in_recovery()")
+        .await
+        .unwrap()[0]
+        .get(0);
+    assert!(in_recovery);
+}
+
+#[tokio::test]
+async fn a_killed_primary_agent_is_fenced_by_its_guard_and_rejoins_when_restarted() {
+    let mut cluster = replicated_cluster().await;
+    cluster.wait_streaming(1, &[2, 3], TIMEOUT).await.unwrap();
+    let agent_pid = cluster.pid(1).unwrap();
+
+    let new_primary = assert_fenced_before_promotion(&cluster, || {
+        let agent = nix::unistd::Pid::from_raw(agent_pid as i32);
+        nix::sys::signal::kill(agent, nix::sys::signal::Signal::SIGKILL).unwrap();
+    })
+    .await;
+    cluster.kill(1).ok(); // reap the killed agent
+    assert_eq!(
+        cluster.postmaster_pid(1),
+        None,
+        "the guard stopped the old primary"
+    );
+
+    cluster.start_node(1).unwrap();
+    let others: Vec<NodeId> = [1, 2, 3]
+        .into_iter()
+        .filter(|id| *id != new_primary)
+        .collect();
+    cluster
+        .wait_streaming(new_primary, &others, TIMEOUT)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn switchover_to_a_named_node_and_back_swaps_roles_without_rewind() {
+    let cluster = replicated_cluster().await;
+    cluster.wait_streaming(1, &[2, 3], TIMEOUT).await.unwrap();
+
+    // Refusals first: nothing changes.
+    for (args, expected) in [
+        (vec!["switchover", "--to", "node1"], "already the primary"),
+        (vec!["switchover", "--to", "node9"], "no node is called"),
+    ] {
+        let out = cluster.raftmgr(1, &args).unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(expected),
+            "{args:?}: {stderr}"
+        );
+    }
+    let no_token = cluster
+        .http()
+        .post(format!("http://{}/switchover", cluster.node(2).api_addr))
+        .json(&serde_json::json!({"candidate": "node2"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(no_token.status(), 401);
+    assert_eq!(cluster.view(2).await.unwrap().state.generation, 1);
+
+    let started = Instant::now();
+    let out = cluster
+        .raftmgr_ok(3, &["switchover", "--to", "node2"])
+        .unwrap();
+    eprintln!("{out}switchover took {:?}", started.elapsed());
+    let view = cluster.wait_streaming(2, &[1, 3], TIMEOUT).await.unwrap();
+    assert_eq!((view.state.generation, view.state.primary), (2, Some(2)));
+    assert_eq!(rows(&cluster, 2).await.unwrap(), 100);
+    sql(
+        &cluster,
+        2,
+        "INSERT INTO acked SELECT generate_series(101, 110)",
+    )
+    .await
+    .unwrap();
+
+    // And back, with repmgr's verb on the node to promote.
+    cluster.raftmgr_ok(1, &["standby", "switchover"]).unwrap();
+    let view = cluster.wait_streaming(1, &[2, 3], TIMEOUT).await.unwrap();
+    assert_eq!((view.state.generation, view.state.primary), (3, Some(1)));
+    let rewinds = view
+        .state
+        .recent
+        .iter()
+        .filter(|e| matches!(e.event, Event::RejoinPlanned { .. }))
+        .count();
+    assert_eq!(
+        rewinds,
+        0,
+        "a switchover needs no rewind: {:?}",
+        kinds(&view)
+    );
+    wait::until("node 1 to have every row", TIMEOUT, || async {
+        match rows(&cluster, 1).await? {
+            110 => Ok(()),
+            n => Err(format!("{n} rows")),
+        }
+    })
+    .await
+    .unwrap();
+}

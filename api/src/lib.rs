@@ -39,6 +39,7 @@ pub fn router(api: Api) -> Router {
         .route("/cluster", get(cluster))
         .route("/cluster/init", post(init))
         .route("/events", post(propose).get(events))
+        .route("/switchover", post(switchover))
         .route("/members", post(add_member))
         .route("/members/{node_id}", delete(remove_member))
         .route(
@@ -380,4 +381,112 @@ async fn membership_change(
             format!("unexpected answer {other:?}"),
         )),
     }
+}
+
+/// `POST /switchover` (Patroni's field names): `candidate` is the node to promote (default: the
+/// best standby), `leader` if given must name the current primary.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchoverRequest {
+    pub leader: Option<String>,
+    pub candidate: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SwitchoverAnswer {
+    pub log_index: u64,
+    /// The generation being switched over from; the new primary's is the next one.
+    pub generation: u64,
+    pub from: String,
+    pub candidate: Option<String>,
+}
+
+async fn switchover(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    body: Result<Json<SwitchoverRequest>, JsonRejection>,
+) -> Result<Json<SwitchoverAnswer>, ApiError> {
+    authorize(&api, &headers)?;
+    let Json(request) = body?;
+    api.proposer.read_barrier().await?;
+    let state = api.store.cluster_state();
+    let refuse = |message: String| ApiError::new(StatusCode::CONFLICT, message);
+    let primary = state
+        .primary
+        .ok_or_else(|| refuse("there is no primary".into()))?;
+    let name_of = |id: NodeId| {
+        state
+            .nodes
+            .get(&id)
+            .map(|n| n.registration.name.clone())
+            .unwrap_or_default()
+    };
+    if state.primary_resigned || !state.primary_ready {
+        return Err(refuse(format!(
+            "the primary {} is not running; that is a failover, not a switchover",
+            name_of(primary)
+        )));
+    }
+    if let Some(leader) = &request.leader {
+        if *leader != name_of(primary) {
+            return Err(refuse(format!(
+                "{leader} is not the primary; {} is",
+                name_of(primary)
+            )));
+        }
+    }
+    let summaries = state.node_summaries();
+    let streaming = |id: NodeId| {
+        summaries
+            .iter()
+            .any(|s| s.id == id && s.status == "streaming")
+    };
+    let candidate = match &request.candidate {
+        Some(name) => {
+            let node = state.node_by_name(name).ok_or_else(|| {
+                ApiError::new(StatusCode::NOT_FOUND, format!("no node is called {name:?}"))
+            })?;
+            let id = node.registration.node_id;
+            if id == primary {
+                return Err(refuse(format!("{name} is already the primary")));
+            }
+            if node.registration.nofailover {
+                return Err(refuse(format!("{name} is tagged nofailover")));
+            }
+            if !streaming(id) {
+                return Err(refuse(format!(
+                    "{name} is not streaming from the primary; it cannot catch up"
+                )));
+            }
+            Some(id)
+        }
+        None => {
+            let any = state.nodes.values().any(|n| {
+                n.registration.node_id != primary
+                    && !n.registration.nofailover
+                    && streaming(n.registration.node_id)
+            });
+            if !any {
+                return Err(refuse(
+                    "no standby is streaming and eligible; refusing to stop the primary".into(),
+                ));
+            }
+            None
+        }
+    };
+    let event = Event::SwitchoverRequested {
+        primary,
+        generation: state.generation,
+        candidate,
+    };
+    let applied = api.proposer.propose(event).await?;
+    if let Outcome::NoOp { reason } = applied.outcome {
+        return Err(refuse(reason));
+    }
+    Ok(Json(SwitchoverAnswer {
+        log_index: applied.log_index,
+        generation: state.generation,
+        from: name_of(primary),
+        candidate: candidate.map(name_of),
+    }))
 }

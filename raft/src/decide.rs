@@ -129,11 +129,19 @@ pub fn decide(state: &ClusterState, view: &LeaderView, config: &DecideConfig) ->
             },
         );
     }
-    // Highest LSN, then highest priority, then lowest id.
-    eligible.sort_by_key(|(id, lsn, priority)| (Reverse(*lsn), Reverse(*priority), *id));
+    // Highest LSN, then highest priority, then lowest id; a switchover's named candidate first
+    // when it is eligible (it has replayed the old primary's final WAL if it streamed).
+    let target = state.pending_switchover().and_then(|s| s.candidate);
+    eligible.sort_by_key(|(id, lsn, priority)| {
+        (Some(*id) != target, Reverse(*lsn), Reverse(*priority), *id)
+    });
     let &(winner, winner_lsn, winner_priority) = eligible.first()?;
     for (id, lsn, priority) in &eligible {
-        let why = if *id == winner {
+        let why = if *id == winner && Some(winner) == target {
+            format!("won: the switchover's candidate, LSN {}", format_lsn(*lsn))
+        } else if Some(winner) == target {
+            format!("lost: node {winner} is the switchover's candidate")
+        } else if *id == winner {
             format!("won: LSN {}, priority {priority}", format_lsn(*lsn))
         } else if *lsn < winner_lsn {
             format!(

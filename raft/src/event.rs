@@ -133,6 +133,13 @@ pub enum Event {
         method: RejoinMethod,
         duration_ms: u64,
     },
+    /// A planned switchover: the primary of `generation` stops cleanly and resigns, and the
+    /// leader promotes `candidate` (or the best standby).
+    SwitchoverRequested {
+        primary: NodeId,
+        generation: u64,
+        candidate: Option<NodeId>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -157,6 +164,7 @@ impl Event {
             Event::PromotionCompleted { .. } => "PromotionCompleted",
             Event::RejoinPlanned { .. } => "RejoinPlanned",
             Event::RejoinCompleted { .. } => "RejoinCompleted",
+            Event::SwitchoverRequested { .. } => "SwitchoverRequested",
         }
     }
 
@@ -168,7 +176,9 @@ impl Event {
             Event::HealthObserved(o) => o.subject,
             Event::LeaseRenewed { primary, .. } => *primary,
             Event::PromotionDecided(d) => d.candidate,
-            Event::PrimaryResigned { primary, .. } => *primary,
+            Event::PrimaryResigned { primary, .. } | Event::SwitchoverRequested { primary, .. } => {
+                *primary
+            }
             Event::PromotionCompleted { node_id, .. }
             | Event::RejoinPlanned { node_id, .. }
             | Event::RejoinCompleted { node_id, .. } => *node_id,

@@ -26,6 +26,8 @@ pub struct Local {
     pub stopped_by_hand: bool,
     /// The control file says it last ran as a primary (it may hold WAL the new primary lacks).
     pub was_primary: bool,
+    /// The control file says it was shut down cleanly.
+    pub clean_shutdown: bool,
     /// The node its `primary_conninfo` points at.
     pub following: Option<NodeId>,
     /// A standby that follows the right primary but has not streamed for a while: its history
@@ -46,6 +48,8 @@ pub enum Action {
     Resign,
     /// Writable without being the primary with a lease: stop it at once.
     Fence,
+    /// A switchover was requested: shut down cleanly (the WAL senders send everything first).
+    StopForSwitchover,
     StartAsStandby {
         primary: NodeId,
     },
@@ -64,6 +68,13 @@ pub fn reconcile(state: &ClusterState, me: NodeId, local: &Local) -> Option<Acti
     let writable = local.running && local.in_recovery == Some(false);
     let am_primary = state.primary == Some(me) && !state.primary_resigned;
 
+    if am_primary && state.pending_switchover().is_some() {
+        return Some(if local.running {
+            Action::StopForSwitchover
+        } else {
+            Action::Resign
+        });
+    }
     if am_primary {
         if writable {
             return (!state.primary_ready && local.lease_held).then_some(Action::ReportPromoted);
@@ -99,7 +110,14 @@ pub fn reconcile(state: &ClusterState, me: NodeId, local: &Local) -> Option<Acti
         if local.stopped_by_hand {
             return None;
         }
-        return Some(if local.was_primary {
+        // A primary that shut down cleanly for a switchover streamed all its WAL to the
+        // standbys first: its history is a prefix of the new timeline, no rewind needed.
+        let switched_over = state
+            .switchover
+            .as_ref()
+            .is_some_and(|s| s.from == me && s.generation + 1 == state.generation)
+            && local.clean_shutdown;
+        return Some(if local.was_primary && !switched_over {
             Action::Rewind { primary }
         } else {
             Action::StartAsStandby { primary }
@@ -244,7 +262,7 @@ mod tests {
             any::<bool>(),
             any::<bool>(),
             prop::option::of(1u64..4),
-            any::<bool>(),
+            (any::<bool>(), any::<bool>()),
         )
             .prop_map(
                 |(
@@ -255,7 +273,7 @@ mod tests {
                     stopped_by_hand,
                     was_primary,
                     following,
-                    stuck,
+                    (stuck, clean_shutdown),
                 )| Local {
                     running,
                     in_recovery,
@@ -263,6 +281,7 @@ mod tests {
                     crashed,
                     stopped_by_hand,
                     was_primary,
+                    clean_shutdown,
                     following,
                     stuck,
                 },

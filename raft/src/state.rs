@@ -73,6 +73,14 @@ pub struct LeaseRecord {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwitchoverRecord {
+    pub from: NodeId,
+    pub generation: u64,
+    pub candidate: Option<NodeId>,
+    pub log_index: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DecisionRecord {
     pub log_index: u64,
     pub new_generation: u64,
@@ -97,6 +105,10 @@ pub struct ClusterState {
     /// The primary of `generation` reported its PostgreSQL promoted (or was registered as a
     /// running primary).
     pub primary_ready: bool,
+    /// The latest switchover request; it concerns `generation` while pending, and tells the old
+    /// primary in the next generation that it stopped cleanly for it.
+    #[serde(default)]
+    pub switchover: Option<SwitchoverRecord>,
     pub nodes: BTreeMap<NodeId, NodeRecord>,
     pub lease: Option<LeaseRecord>,
     /// The newest promotion decisions, oldest first, at most [`DECISIONS_MAX`].
@@ -150,6 +162,11 @@ impl ClusterState {
                 generation,
                 ..
             } => self.rejoin_completed(*node_id, *generation),
+            Event::SwitchoverRequested {
+                primary,
+                generation,
+                candidate,
+            } => self.request_switchover(*primary, *generation, *candidate, log_index),
         };
 
         assert!(self.generation >= generation_before, "generation went back");
@@ -312,6 +329,48 @@ impl ClusterState {
             )));
         }
         Ok(())
+    }
+
+    /// A switchover requested for the current generation and not carried out yet.
+    pub fn pending_switchover(&self) -> Option<&SwitchoverRecord> {
+        self.switchover
+            .as_ref()
+            .filter(|s| s.generation == self.generation)
+    }
+
+    fn request_switchover(
+        &mut self,
+        primary: NodeId,
+        generation: u64,
+        candidate: Option<NodeId>,
+        log_index: u64,
+    ) -> Outcome {
+        if let Err(stale) = self.is_current_primary(primary, generation) {
+            return stale;
+        }
+        if self.primary_resigned || !self.primary_ready {
+            return Outcome::no_op(format!(
+                "node {primary} is not a running primary; nothing to switch over"
+            ));
+        }
+        if let Some(pending) = self.pending_switchover() {
+            return Outcome::no_op(format!(
+                "a switchover is already under way (log index {})",
+                pending.log_index
+            ));
+        }
+        if let Some(c) = candidate {
+            if c == primary || !self.nodes.contains_key(&c) {
+                return Outcome::no_op(format!("node {c} cannot be the switchover candidate"));
+            }
+        }
+        self.switchover = Some(SwitchoverRecord {
+            from: primary,
+            generation,
+            candidate,
+            log_index,
+        });
+        Outcome::Applied
     }
 
     fn resign(&mut self, primary: NodeId, generation: u64) -> Outcome {
