@@ -135,6 +135,9 @@ pub fn render_cluster(view: &ClusterView) -> String {
             .map_or("none".to_string(), |id| format!("node {id}")),
         show(raft.last_applied_index),
     );
+    if state.paused {
+        out += "PAUSED: automatic failover is off (raftmgr resume turns it on)\n\n";
+    }
     if view.nodes.is_empty() {
         out += "No database node is registered yet.\n\n";
     } else {
@@ -210,7 +213,7 @@ pub fn render_events(events: &[raftmgr_raft::state::RecordedEvent]) -> String {
         rows.push(vec![
             e.log_index.to_string(),
             e.event.kind().into(),
-            e.event.subject().to_string(),
+            e.event.subject().map_or("-".into(), |id| id.to_string()),
             outcome,
             details,
         ]);

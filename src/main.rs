@@ -65,6 +65,18 @@ enum Command {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Maintenance mode: no automatic failover until `resume`.
+    Pause {
+        #[command(flatten)]
+        target: client::Target,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Turn automatic failover back on.
+    Resume {
+        #[command(flatten)]
+        target: client::Target,
+    },
     /// The agent's fencing sidecar (started by the agent; not for direct use).
     #[command(hide = true)]
     LeaseGuard {
@@ -326,6 +338,18 @@ async fn run_command(command: Command) -> anyhow::Result<()> {
             commands::standby_register(&load(&config)?, upstream.as_deref()).await?
         }
         Command::Demo(args) => demo::run(args).await?,
+        Command::Pause { target, reason } => {
+            let body = raftmgr_api::PauseRequest { reason };
+            let _: raftmgr_api::PauseAnswer =
+                client::Client::new(&target)?.post("/pause", &body).await?;
+            println!("paused: no automatic failover until `raftmgr resume`");
+        }
+        Command::Resume { target } => {
+            let _: raftmgr_api::PauseAnswer = client::Client::new(&target)?
+                .post("/resume", &serde_json::json!({}))
+                .await?;
+            println!("resumed: automatic failover is on");
+        }
         Command::Switchover {
             target,
             to,

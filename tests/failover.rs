@@ -421,3 +421,35 @@ async fn switchover_to_a_named_node_and_back_swaps_roles_without_rewind() {
     .await
     .unwrap();
 }
+
+#[tokio::test]
+async fn while_paused_no_failover_happens_and_resume_lets_it_proceed() {
+    let cluster = replicated_cluster().await;
+    cluster.wait_streaming(1, &[2, 3], TIMEOUT).await.unwrap();
+    cluster
+        .raftmgr_ok(2, &["pause", "--reason", "test"])
+        .unwrap();
+    let table = cluster.raftmgr_ok(3, &["cluster", "show"]).unwrap();
+    assert!(table.contains("PAUSED"), "{table}");
+
+    cluster.kill_postmaster(1).unwrap();
+    wait::until("the primary to resign", TIMEOUT, || async {
+        let view = cluster.view(2).await.map_err(|e| e.to_string())?;
+        if view.state.primary_resigned {
+            Ok(())
+        } else {
+            Err("not yet".into())
+        }
+    })
+    .await
+    .unwrap();
+    // Well past the lease timeout (1.47 s by default): still no promotion.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let view = cluster.view(2).await.unwrap();
+    assert_eq!(view.state.generation, 1, "a failover happened while paused");
+    assert!(view.state.decisions.is_empty());
+
+    cluster.raftmgr_ok(3, &["resume"]).unwrap();
+    let (new_primary, _) = wait_for_new_primary(&cluster, 2, 1).await;
+    assert_ne!(new_primary, 1);
+}

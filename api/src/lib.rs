@@ -40,6 +40,8 @@ pub fn router(api: Api) -> Router {
         .route("/cluster/init", post(init))
         .route("/events", post(propose).get(events))
         .route("/switchover", post(switchover))
+        .route("/pause", post(pause))
+        .route("/resume", post(resume))
         .route("/members", post(add_member))
         .route("/members/{node_id}", delete(remove_member))
         .route(
@@ -203,7 +205,7 @@ async fn events(
     let events = state
         .recent
         .iter()
-        .filter(|e| node.is_none_or(|id| e.event.subject() == id))
+        .filter(|e| node.is_none_or(|id| e.event.subject() == Some(id)))
         .filter(|e| filter.kind.as_deref().is_none_or(|k| e.event.kind() == k))
         .cloned()
         .collect();
@@ -488,5 +490,45 @@ async fn switchover(
         generation: state.generation,
         from: name_of(primary),
         candidate: candidate.map(name_of),
+    }))
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PauseRequest {
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PauseAnswer {
+    pub paused: bool,
+    pub log_index: u64,
+}
+
+/// `POST /pause`: maintenance mode, no automatic failover until `POST /resume`.
+async fn pause(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    body: Option<Json<PauseRequest>>,
+) -> Result<Json<PauseAnswer>, ApiError> {
+    authorize(&api, &headers)?;
+    let reason = body
+        .and_then(|Json(b)| b.reason)
+        .unwrap_or_else(|| "maintenance".into());
+    set_paused(&api, Event::Paused { reason }, true).await
+}
+
+/// `POST /resume`: automatic failover again.
+async fn resume(State(api): State<Api>, headers: HeaderMap) -> Result<Json<PauseAnswer>, ApiError> {
+    authorize(&api, &headers)?;
+    set_paused(&api, Event::Resumed, false).await
+}
+
+async fn set_paused(api: &Api, event: Event, paused: bool) -> Result<Json<PauseAnswer>, ApiError> {
+    let applied = api.proposer.propose(event).await?;
+    // Pausing twice is fine: the answer says how things are.
+    Ok(Json(PauseAnswer {
+        paused,
+        log_index: applied.log_index,
     }))
 }

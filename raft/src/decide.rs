@@ -57,7 +57,7 @@ pub fn failover_reason(
     config: &DecideConfig,
 ) -> Option<String> {
     let primary = state.primary?;
-    if view.paused {
+    if view.paused || state.paused {
         return None;
     }
     if state.primary_resigned {

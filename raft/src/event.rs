@@ -140,6 +140,11 @@ pub enum Event {
         generation: u64,
         candidate: Option<NodeId>,
     },
+    /// Maintenance: no automatic failover until `Resumed`.
+    Paused {
+        reason: String,
+    },
+    Resumed,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -165,12 +170,14 @@ impl Event {
             Event::RejoinPlanned { .. } => "RejoinPlanned",
             Event::RejoinCompleted { .. } => "RejoinCompleted",
             Event::SwitchoverRequested { .. } => "SwitchoverRequested",
+            Event::Paused { .. } => "Paused",
+            Event::Resumed => "Resumed",
         }
     }
 
-    /// The node the event is about.
-    pub fn subject(&self) -> NodeId {
-        match self {
+    /// The node the event is about, if it is about one.
+    pub fn subject(&self) -> Option<NodeId> {
+        Some(match self {
             Event::NodeRegistered(r) => r.node_id,
             Event::NodeUnregistered { node_id, .. } => *node_id,
             Event::HealthObserved(o) => o.subject,
@@ -182,6 +189,7 @@ impl Event {
             Event::PromotionCompleted { node_id, .. }
             | Event::RejoinPlanned { node_id, .. }
             | Event::RejoinCompleted { node_id, .. } => *node_id,
-        }
+            Event::Paused { .. } | Event::Resumed => return None,
+        })
     }
 }

@@ -105,6 +105,9 @@ pub struct ClusterState {
     /// The primary of `generation` reported its PostgreSQL promoted (or was registered as a
     /// running primary).
     pub primary_ready: bool,
+    /// Maintenance mode: no automatic failover.
+    #[serde(default)]
+    pub paused: bool,
     /// The latest switchover request; it concerns `generation` while pending, and tells the old
     /// primary in the next generation that it stopped cleanly for it.
     #[serde(default)]
@@ -167,6 +170,8 @@ impl ClusterState {
                 generation,
                 candidate,
             } => self.request_switchover(*primary, *generation, *candidate, log_index),
+            Event::Paused { .. } => self.set_paused(true),
+            Event::Resumed => self.set_paused(false),
         };
 
         assert!(self.generation >= generation_before, "generation went back");
@@ -329,6 +334,15 @@ impl ClusterState {
             )));
         }
         Ok(())
+    }
+
+    fn set_paused(&mut self, paused: bool) -> Outcome {
+        if self.paused == paused {
+            let already = if paused { "paused" } else { "not paused" };
+            return Outcome::no_op(format!("automatic failover is already {already}"));
+        }
+        self.paused = paused;
+        Outcome::Applied
     }
 
     /// A switchover requested for the current generation and not carried out yet.
@@ -577,9 +591,34 @@ mod tests {
                 primary,
                 generation
             }),
-            (0u64..6, id).prop_map(|(generation, candidate)| Event::PromotionDecided(decision(
-                generation, candidate
-            ))),
+            (0u64..6, id.clone()).prop_map(|(generation, candidate)| Event::PromotionDecided(
+                decision(generation, candidate)
+            )),
+            (id.clone(), 0u64..6).prop_map(|(primary, generation)| Event::PrimaryResigned {
+                primary,
+                generation,
+                reason: "test".into()
+            }),
+            (id.clone(), 0u64..6).prop_map(|(node_id, generation)| Event::PromotionCompleted {
+                node_id,
+                generation,
+                timeline: None,
+                lsn: None
+            }),
+            (id.clone(), 0u64..6, prop::option::of(id)).prop_map(
+                |(primary, generation, candidate)| Event::SwitchoverRequested {
+                    primary,
+                    generation,
+                    candidate
+                }
+            ),
+            any::<bool>().prop_map(|pause| if pause {
+                Event::Paused {
+                    reason: "test".into(),
+                }
+            } else {
+                Event::Resumed
+            }),
         ]
     }
 
