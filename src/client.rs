@@ -151,7 +151,11 @@ pub fn render_cluster(view: &ClusterView) -> String {
             rows.push(vec![
                 n.id.to_string(),
                 n.name.clone(),
-                n.role.clone(),
+                if n.sync {
+                    format!("{} (sync)", n.role)
+                } else {
+                    n.role.clone()
+                },
                 n.status.clone(),
                 n.upstream.clone().unwrap_or_else(|| "-".into()),
                 n.timeline.map_or("-".into(), |t| t.to_string()),

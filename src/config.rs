@@ -62,6 +62,18 @@ pub struct FailoverSection {
     pub decide_interval_ms: u64,
     /// A standby that follows the primary but has not streamed for this long is rewound.
     pub rewind_after_ms: u64,
+    /// `off`, `on` or `strict` (Patroni's meanings): with `on`, the primary waits for one
+    /// synchronous standby when one streams, and only it may be promoted; `strict` also blocks
+    /// writes while no standby can be synchronous.
+    pub synchronous_mode: SynchronousMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SynchronousMode {
+    Off,
+    On,
+    Strict,
 }
 
 impl Default for FailoverSection {
@@ -74,6 +86,7 @@ impl Default for FailoverSection {
             maximum_lag_on_failover_bytes: 16 * 1024 * 1024,
             decide_interval_ms: 100,
             rewind_after_ms: 5000,
+            synchronous_mode: SynchronousMode::Off,
         }
     }
 }

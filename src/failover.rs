@@ -13,7 +13,7 @@ use raftmgr_storage::StoreView;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
-use crate::config::FailoverSection;
+use crate::config::{FailoverSection, SynchronousMode};
 use crate::guard::{self, GuardMode};
 use crate::pg::probe::{self, PgStatus};
 use crate::pg::{Pg, RunState, Upstream};
@@ -234,6 +234,7 @@ pub async fn decide_loop(
     let config = DecideConfig {
         lease_timeout_ms: timing.lease_timeout_ms(),
         maximum_lag_on_failover_bytes: timing.maximum_lag_on_failover_bytes,
+        synchronous: timing.synchronous_mode != SynchronousMode::Off,
     };
     let mut ticker = tokio::time::interval(Duration::from_millis(timing.decide_interval_ms));
     let mut last_key = None;
@@ -397,6 +398,12 @@ impl Executor {
                 .is_some_and(|t| t.elapsed() >= rewind_after),
         };
         let Some(action) = reconcile::reconcile(state, self.me, &local) else {
+            // Nothing to reconcile: a primary in steady state looks after its sync standby.
+            if let (Some(status), true) = (status, writable && local.lease_held) {
+                if let Err(e) = self.manage_sync(state, status).await {
+                    tracing::warn!("synchronous standby management: {e:#}");
+                }
+            }
             return;
         };
         if memory.retry_at.is_some_and(|at| Instant::now() < at) {
@@ -518,6 +525,95 @@ impl Executor {
             }
         }
         Ok(())
+    }
+
+    /// Synchronous mode on the primary. The order keeps invariant 4: a standby is named in
+    /// `synchronous_standby_names` only after the sync set naming it is committed, and removed
+    /// from PostgreSQL before its removal is committed; so every commit PostgreSQL acknowledged
+    /// waited for a member of the committed set, the only nodes that may be promoted.
+    async fn manage_sync(&self, state: &ClusterState, status: &PgStatus) -> anyhow::Result<()> {
+        let mode = self.timing.synchronous_mode;
+        if mode == SynchronousMode::Off || state.primary != Some(self.me) || !state.primary_ready {
+            return Ok(());
+        }
+        let mut streaming: Vec<&raftmgr_raft::state::NodeRecord> = status
+            .replicas
+            .iter()
+            .filter(|r| r.state == "streaming")
+            .filter_map(|r| state.node_by_name(&r.name))
+            .filter(|n| n.registration.node_id != self.me && !n.registration.nosync)
+            .collect();
+        streaming.sort_by_key(|n| {
+            (
+                std::cmp::Reverse(n.registration.priority),
+                n.registration.node_id,
+            )
+        });
+        let is_streaming = |id: &NodeId| streaming.iter().any(|n| n.registration.node_id == *id);
+        let committed = &state.sync_set;
+        let target: std::collections::BTreeSet<NodeId> =
+            match committed.iter().find(|m| is_streaming(m)) {
+                Some(member) => [*member].into(),
+                None => match streaming.first() {
+                    Some(best) => [best.registration.node_id].into(),
+                    // strict: keep waiting for the member rather than acknowledge unprotected writes.
+                    None if mode == SynchronousMode::Strict => committed.clone(),
+                    None => Default::default(),
+                },
+            };
+        if !target.is_subset(committed) {
+            let members = committed.union(&target).copied().collect();
+            let event = Event::SyncSetChanged {
+                generation: state.generation,
+                members,
+            };
+            self.proposer.propose(event).await?;
+            return Ok(()); // Named in PostgreSQL on the next step, once committed.
+        }
+        let names: Vec<String> = target
+            .iter()
+            .filter_map(|id| state.nodes.get(id))
+            .map(|n| format!("\"{}\"", n.registration.name))
+            .collect();
+        let wanted = match (names.is_empty(), mode) {
+            (true, SynchronousMode::Strict) => "*".to_string(),
+            _ => names.join(","),
+        };
+        if self.pg.sync_names() != wanted {
+            self.set_sync_names(&wanted).await?;
+            tracing::info!("synchronous_standby_names = '{wanted}'");
+        }
+        if *committed != target {
+            let event = Event::SyncSetChanged {
+                generation: state.generation,
+                members: target,
+            };
+            self.proposer.propose(event).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes `synchronous_standby_names`, reloads, and waits until PostgreSQL uses it.
+    async fn set_sync_names(&self, names: &str) -> anyhow::Result<()> {
+        let (pg, value) = (self.pg.clone(), names.to_string());
+        blocking(move || pg.write_sync_names(&value)).await?;
+        let client = probe::connect(&self.pg.local_conninfo(), PROBE_TIMEOUT).await?;
+        client.batch_execute("SELECT pg_reload_conf()").await?;
+        let deadline = Instant::now() + PROBE_TIMEOUT;
+        loop {
+            let now: String = client
+                .query_one("SHOW synchronous_standby_names", &[])
+                .await?
+                .get(0);
+            if now == names {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "PostgreSQL did not take synchronous_standby_names = '{names}' (it has '{now}')"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     fn conninfo_of(&self, state: &ClusterState, node: NodeId) -> anyhow::Result<String> {

@@ -33,6 +33,8 @@ pub struct Options {
     /// Give every node a `[postgres]` section (real PostgreSQL, run as the `postgres` OS user
     /// when the lab runs as root).
     pub postgres: bool,
+    /// Extra `key = value` lines for every node's `[failover]` section.
+    pub failover_settings: Vec<String>,
 }
 
 impl Default for Options {
@@ -42,6 +44,7 @@ impl Default for Options {
             spares: 0,
             raft_settings: Vec::new(),
             postgres: false,
+            failover_settings: Vec::new(),
         }
     }
 }
@@ -118,6 +121,12 @@ impl LocalCluster {
                      probe_interval_ms = 250\npeer_probe_interval_ms = 1000\n",
                     node.pg_data.display()
                 );
+            }
+            if !options.failover_settings.is_empty() {
+                text += "\n[failover]\n";
+                for line in &options.failover_settings {
+                    text += &format!("{line}\n");
+                }
             }
             for peer in nodes
                 .iter()

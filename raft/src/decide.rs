@@ -22,6 +22,8 @@ pub struct DecideConfig {
     pub lease_timeout_ms: u64,
     /// A candidate this far behind the old primary's last known LSN is not promoted.
     pub maximum_lag_on_failover_bytes: u64,
+    /// Synchronous mode (`on` or `strict`): only members of the committed sync set are promoted.
+    pub synchronous: bool,
 }
 
 /// What a candidate's PostgreSQL answered when the leader asked just now.
@@ -95,6 +97,8 @@ pub fn decide(state: &ClusterState, view: &LeaderView, config: &DecideConfig) ->
         let lsn = probe.and_then(|p| p.lsn());
         let not_eligible = if r.nofailover {
             Some("tagged nofailover".to_string())
+        } else if config.synchronous && !state.sync_set.contains(id) {
+            Some("not in the synchronous set (it may lack acknowledged commits)".to_string())
         } else if probe.is_none() {
             Some("unreachable".to_string())
         } else if probe.is_some_and(|p| !p.in_recovery) {
@@ -174,6 +178,7 @@ mod tests {
     const CONFIG: DecideConfig = DecideConfig {
         lease_timeout_ms: 1500,
         maximum_lag_on_failover_bytes: 1 << 20,
+        synchronous: false,
     };
 
     fn cluster(nodes: &[(NodeId, u32, bool)], resigned: bool) -> ClusterState {
@@ -288,6 +293,36 @@ mod tests {
     }
 
     #[test]
+    fn in_synchronous_mode_only_the_sync_set_is_promoted() {
+        let mut state = cluster(&[(1, 100, false), (2, 100, false), (3, 100, false)], false);
+        let sync = Event::SyncSetChanged {
+            generation: 1,
+            members: [3].into(),
+        };
+        assert!(state.apply(&sync, 200).is_applied());
+        let view = LeaderView {
+            lease_silence_ms: 10_000,
+            // Node 2 has more WAL, but only node 3 acknowledged every commit.
+            probes: BTreeMap::from([(2, probe(500)), (3, probe(400))]),
+            paused: false,
+        };
+        let config = DecideConfig {
+            synchronous: true,
+            ..CONFIG
+        };
+        let d = decided(decide(&state, &view, &config));
+        assert_eq!(d.candidate, 3);
+        let why2 = &d.candidates.iter().find(|c| c.node_id == 2).unwrap().why;
+        assert!(why2.contains("synchronous"), "{why2}");
+        // Without a sync member reachable, nobody is promoted.
+        let only_2 = LeaderView {
+            probes: BTreeMap::from([(2, probe(500))]),
+            ..view
+        };
+        assert_eq!(decide(&state, &only_2, &config), None);
+    }
+
+    #[test]
     fn no_candidate_no_decision() {
         let state = cluster(&[(1, 100, false), (2, 100, true)], true);
         let view = LeaderView {
@@ -337,6 +372,7 @@ mod tests {
             }
             let mut next = state.clone();
             prop_assert!(next.apply(&event, 1000).is_applied());
+            prop_assert!(next.sync_set.is_empty(), "a new generation starts without a sync set");
             prop_assert_eq!(next.generation, state.generation + 1);
             prop_assert_eq!(next.primary, Some(d.candidate));
             // The same decision again is a recorded no-op.

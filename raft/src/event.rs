@@ -145,6 +145,12 @@ pub enum Event {
         reason: String,
     },
     Resumed,
+    /// The standbys the primary of `generation` waits for (synchronous mode). Only these may be
+    /// promoted while synchronous mode is on.
+    SyncSetChanged {
+        generation: u64,
+        members: std::collections::BTreeSet<NodeId>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -172,6 +178,7 @@ impl Event {
             Event::SwitchoverRequested { .. } => "SwitchoverRequested",
             Event::Paused { .. } => "Paused",
             Event::Resumed => "Resumed",
+            Event::SyncSetChanged { .. } => "SyncSetChanged",
         }
     }
 
@@ -189,7 +196,7 @@ impl Event {
             Event::PromotionCompleted { node_id, .. }
             | Event::RejoinPlanned { node_id, .. }
             | Event::RejoinCompleted { node_id, .. } => *node_id,
-            Event::Paused { .. } | Event::Resumed => return None,
+            Event::Paused { .. } | Event::Resumed | Event::SyncSetChanged { .. } => return None,
         })
     }
 }

@@ -108,6 +108,9 @@ pub struct ClusterState {
     /// Maintenance mode: no automatic failover.
     #[serde(default)]
     pub paused: bool,
+    /// The synchronous standbys of `generation`'s primary (empty at each new generation).
+    #[serde(default)]
+    pub sync_set: std::collections::BTreeSet<NodeId>,
     /// The latest switchover request; it concerns `generation` while pending, and tells the old
     /// primary in the next generation that it stopped cleanly for it.
     #[serde(default)]
@@ -172,6 +175,10 @@ impl ClusterState {
             } => self.request_switchover(*primary, *generation, *candidate, log_index),
             Event::Paused { .. } => self.set_paused(true),
             Event::Resumed => self.set_paused(false),
+            Event::SyncSetChanged {
+                generation,
+                members,
+            } => self.change_sync_set(*generation, members),
         };
 
         assert!(self.generation >= generation_before, "generation went back");
@@ -323,6 +330,8 @@ impl ClusterState {
         self.primary_resigned = false;
         self.primary_ready = false;
         self.lease = None;
+        // The new primary starts with no synchronous standby; it adds one as they attach.
+        self.sync_set.clear();
     }
 
     fn is_current_primary(&self, node: NodeId, generation: u64) -> Result<(), Outcome> {
@@ -334,6 +343,24 @@ impl ClusterState {
             )));
         }
         Ok(())
+    }
+
+    fn change_sync_set(
+        &mut self,
+        generation: u64,
+        members: &std::collections::BTreeSet<NodeId>,
+    ) -> Outcome {
+        if generation != self.generation {
+            return Outcome::no_op(format!("stale sync set for generation {generation}"));
+        }
+        if let Some(bad) = members
+            .iter()
+            .find(|id| Some(**id) == self.primary || !self.nodes.contains_key(id))
+        {
+            return Outcome::no_op(format!("node {bad} cannot be a synchronous standby"));
+        }
+        self.sync_set = members.clone();
+        Outcome::Applied
     }
 
     fn set_paused(&mut self, paused: bool) -> Outcome {

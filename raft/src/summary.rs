@@ -28,6 +28,8 @@ pub struct NodeSummary {
     pub priority: u32,
     pub nofailover: bool,
     pub nosync: bool,
+    /// A member of the committed synchronous set.
+    pub sync: bool,
     /// How many observers' latest observation found it reachable / unreachable.
     pub observed_up: usize,
     pub observed_down: usize,
@@ -103,6 +105,7 @@ impl ClusterState {
             priority: r.priority,
             nofailover: r.nofailover,
             nosync: r.nosync,
+            sync: self.sync_set.contains(&r.node_id),
             observed_up,
             observed_down,
         }

@@ -15,6 +15,8 @@ use crate::config::PgSettings;
 
 /// raftmgr's settings live in this file in the data directory, included from postgresql.conf.
 pub const RAFTMGR_CONF: &str = "raftmgr.conf";
+/// `synchronous_standby_names`, written by the primary's sync manager, included from raftmgr.conf.
+pub const SYNC_CONF: &str = "raftmgr.sync.conf";
 const INCLUDE_LINE: &str = "include_if_exists = 'raftmgr.conf'\t# added by raftmgr";
 
 /// How long pg_ctl waits for a start or a stop.
@@ -220,7 +222,8 @@ impl Pg {
              hot_standby_feedback = on\n\
              logging_collector = on\n\
              log_directory = 'log'\n\
-             cluster_name = '{}'\n",
+             cluster_name = '{}'\n\
+             include_if_exists = '{SYNC_CONF}'\n",
             section.listen_address,
             section.port,
             self.settings.socket_dir.display(),
@@ -238,6 +241,9 @@ impl Pg {
             );
         }
         self.write_owned(RAFTMGR_CONF, &conf, 0o600)?;
+        // Whatever this node was, it starts with no synchronous standby: the primary's sync
+        // manager names one once it is committed.
+        self.write_sync_names("")?;
 
         let mut hba = String::from(
             "# Written by raftmgr.\n\
@@ -274,6 +280,27 @@ impl Pg {
         std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))?;
         self.chown(&path)
+    }
+
+    /// Writes `synchronous_standby_names` (takes effect on reload).
+    pub fn write_sync_names(&self, names: &str) -> anyhow::Result<()> {
+        let text = format!(
+            "# Written by raftmgr's sync manager.\nsynchronous_standby_names = '{}'\n",
+            escape_conf(names)
+        );
+        self.write_owned(SYNC_CONF, &text, 0o600)
+    }
+
+    /// The `synchronous_standby_names` raftmgr last wrote.
+    pub fn sync_names(&self) -> String {
+        std::fs::read_to_string(self.data_dir().join(SYNC_CONF))
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix("synchronous_standby_names = '"))
+                    .map(|v| v.trim_end_matches('\'').replace("''", "'"))
+            })
+            .unwrap_or_default()
     }
 
     /// Makes the next start a standby start.
