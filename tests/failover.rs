@@ -453,3 +453,51 @@ async fn while_paused_no_failover_happens_and_resume_lets_it_proceed() {
     let (new_primary, _) = wait_for_new_primary(&cluster, 2, 1).await;
     assert_ne!(new_primary, 1);
 }
+
+#[tokio::test]
+async fn a_primary_cut_off_by_a_partition_is_fenced_before_the_majority_promotes() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test needs root: it puts each node in its own network namespace"
+    );
+    let options = Options {
+        postgres: true,
+        network: true,
+        ..Options::default()
+    };
+    let cluster = LocalCluster::start(Path::new(BINARY), &options)
+        .await
+        .unwrap();
+    cluster.setup_replication(&[1, 2, 3]).await.unwrap();
+    sql(&cluster, 1, "CREATE TABLE acked (id int primary key)")
+        .await
+        .unwrap();
+    let lab = cluster.network().unwrap();
+
+    let new_primary = assert_fenced_before_promotion(&cluster, || {
+        lab.partition(1, &[2, 3]).unwrap();
+    })
+    .await;
+    assert!(cluster.read_log(1).contains("fenc"), "node 1 fenced itself");
+
+    // Healed, the old primary is rewound and follows the new one.
+    lab.heal().unwrap();
+    let others: Vec<NodeId> = [1, 2, 3]
+        .into_iter()
+        .filter(|id| *id != new_primary)
+        .collect();
+    let view = cluster
+        .wait_streaming(new_primary, &others, TIMEOUT)
+        .await
+        .unwrap();
+    let rejoined = view
+        .state
+        .recent
+        .iter()
+        .any(|e| matches!(e.event, Event::RejoinCompleted { node_id: 1, .. }));
+    assert!(
+        rejoined,
+        "node 1 rejoined through pg_rewind: {:?}",
+        kinds(&view)
+    );
+}

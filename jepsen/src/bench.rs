@@ -104,7 +104,7 @@ fn validate(args: &BenchRaftArgs) -> anyhow::Result<()> {
 }
 
 /// `raftmgr` in the folder of the current executable.
-fn default_binary() -> anyhow::Result<PathBuf> {
+pub(crate) fn default_binary() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("finding the current executable")?;
     let dir = exe
         .parent()
@@ -588,7 +588,7 @@ pub struct Stat {
 }
 
 impl Stat {
-    fn of(values: impl IntoIterator<Item = f64>) -> Stat {
+    pub(crate) fn of(values: impl IntoIterator<Item = f64>) -> Stat {
         let mut values: Vec<f64> = values.into_iter().collect();
         values.sort_by(f64::total_cmp);
         Stat {

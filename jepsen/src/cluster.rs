@@ -35,6 +35,9 @@ pub struct Options {
     pub postgres: bool,
     /// Extra `key = value` lines for every node's `[failover]` section.
     pub failover_settings: Vec<String>,
+    /// Run each node in its own network namespace (root only), so that partitions drop real
+    /// packets; otherwise everything is on 127.0.0.1.
+    pub network: bool,
 }
 
 impl Default for Options {
@@ -45,6 +48,7 @@ impl Default for Options {
             raft_settings: Vec::new(),
             postgres: false,
             failover_settings: Vec::new(),
+            network: false,
         }
     }
 }
@@ -65,6 +69,8 @@ pub struct Node {
 }
 
 pub struct LocalCluster {
+    /// Dropped after the nodes are stopped (fields drop after `Drop::drop`).
+    network: Option<crate::netns::LabNetwork>,
     dir: tempfile::TempDir,
     binary: PathBuf,
     nodes: Vec<Node>,
@@ -82,15 +88,28 @@ impl LocalCluster {
             std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
         }
         let total = options.voters + options.spares;
-        let ports = free_ports(3 * total)?;
+        let network = if options.network {
+            Some(crate::netns::LabNetwork::create(total as u64)?)
+        } else {
+            None
+        };
+        // On loopback every node needs its own ports; in namespaces each has its own address.
+        let ports = match &network {
+            Some(_) => (0..total).flat_map(|_| [7001, 8001, 5432]).collect(),
+            None => free_ports(3 * total)?,
+        };
+        let host = |id: NodeId| match &network {
+            Some(lab) => lab.address(id),
+            None => "127.0.0.1".to_string(),
+        };
         let mut nodes = Vec::new();
         for i in 0..total {
             let id = i as NodeId + 1;
             let node_dir = dir.path().join(format!("node{id}"));
             nodes.push(Node {
                 id,
-                raft_addr: format!("127.0.0.1:{}", ports[3 * i]),
-                api_addr: format!("127.0.0.1:{}", ports[3 * i + 1]),
+                raft_addr: format!("{}:{}", host(id), ports[3 * i]),
+                api_addr: format!("{}:{}", host(id), ports[3 * i + 1]),
                 pg_port: options.postgres.then_some(ports[3 * i + 2]),
                 pg_data: node_dir.join("pgdata"),
                 pg_socket_dir: node_dir.join("socket"),
@@ -121,6 +140,13 @@ impl LocalCluster {
                      probe_interval_ms = 250\npeer_probe_interval_ms = 1000\n",
                     node.pg_data.display()
                 );
+                if let Some(lab) = &network {
+                    text += &format!(
+                        "listen_address = \"{}\"\nallowed_cidrs = [\"{}\"]\n",
+                        lab.address(node.id),
+                        lab.cidr()
+                    );
+                }
             }
             if !options.failover_settings.is_empty() {
                 text += "\n[failover]\n";
@@ -144,6 +170,7 @@ impl LocalCluster {
             .timeout(Duration::from_secs(15))
             .build()?;
         Ok(LocalCluster {
+            network,
             dir,
             binary: binary.to_path_buf(),
             nodes,
@@ -171,6 +198,11 @@ impl LocalCluster {
         Ok(cluster)
     }
 
+    /// The lab network, when the nodes run in namespaces.
+    pub fn network(&self) -> Option<&crate::netns::LabNetwork> {
+        self.network.as_ref()
+    }
+
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
@@ -193,11 +225,12 @@ impl LocalCluster {
 
     /// Starts node `id`'s agent (its log goes to `nodeN.log`, appended across restarts).
     pub fn start_node(&mut self, id: NodeId) -> anyhow::Result<()> {
-        let binary = self.binary.clone();
+        // `ip netns exec` execs the agent in place: the child's pid is the agent's.
+        let mut command = self.on_node(id);
         let node = self.node_mut(id);
         anyhow::ensure!(node.child.is_none(), "node {id} is already running");
         let log = File::options().create(true).append(true).open(&node.log)?;
-        let child = Command::new(&binary)
+        let child = command
             .arg("agent")
             .arg("-c")
             .arg(&node.config)
@@ -205,9 +238,22 @@ impl LocalCluster {
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
+            .context("starting an agent")?;
         node.child = Some(child);
         Ok(())
+    }
+
+    /// A command running the raftmgr binary on node `id`.
+    fn on_node(&self, id: NodeId) -> Command {
+        match &self.network {
+            Some(lab) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &lab.namespace(id)])
+                    .arg(&self.binary);
+                c
+            }
+            None => Command::new(&self.binary),
+        }
     }
 
     /// `kill -9` of node `id`'s agent.
@@ -252,9 +298,10 @@ impl LocalCluster {
         }
     }
 
-    /// Runs `raftmgr ARGS -c nodeN.toml` and returns its output.
+    /// Runs `raftmgr ARGS -c nodeN.toml` on node `id` (in its namespace, if it has one) and
+    /// returns its output.
     pub fn raftmgr(&self, id: NodeId, args: &[&str]) -> anyhow::Result<std::process::Output> {
-        Command::new(&self.binary)
+        self.on_node(id)
             .args(args)
             .arg("-c")
             .arg(&self.node(id).config)

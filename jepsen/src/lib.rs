@@ -4,5 +4,7 @@
 
 pub mod bench;
 pub mod cluster;
+pub mod failover_bench;
+pub mod netns;
 pub mod procfs;
 pub mod wait;

@@ -1,7 +1,7 @@
 //! `raftmgr-jepsen`: the lab's command line.
 
 use clap::{Parser, Subcommand};
-use raftmgr_jepsen::bench;
+use raftmgr_jepsen::{bench, failover_bench};
 
 #[derive(Parser)]
 #[command(
@@ -17,11 +17,15 @@ struct Cli {
 enum Command {
     /// Commit throughput, commit latency and agent memory of a three-node cluster on loopback.
     BenchRaft(bench::BenchRaftArgs),
+    /// Write unavailability, lost writes and rejoin time of automatic failover, as a client
+    /// writing every 20 ms sees them (real PostgreSQL).
+    BenchFailover(failover_bench::BenchFailoverArgs),
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::BenchRaft(args) => bench::bench_raft(args).await,
+        Command::BenchFailover(args) => failover_bench::bench_failover(args).await,
     }
 }
