@@ -343,6 +343,7 @@ impl Pg {
     /// `pg_rewind` of this (stopped) data directory from `source_conninfo`. PostgreSQL 13+ runs
     /// crash recovery first when the target was not shut down cleanly.
     pub fn rewind(&self, source_conninfo: &str) -> anyhow::Result<String> {
+        self.remove_stale_pid_file()?;
         let out = self
             .command("pg_rewind")
             .arg("--target-pgdata")
@@ -396,8 +397,27 @@ impl Pg {
             .context("pg_controldata printed no cluster state")
     }
 
+    /// Removes a postmaster.pid whose postmaster is dead, including one not yet reaped: pg_ctl
+    /// and pg_rewind refuse to touch the data directory while `kill(pid, 0)` succeeds on the pid,
+    /// which it does on a zombie. PostgreSQL's own check of its shared memory segment still
+    /// refuses to start while an old backend is attached to it.
+    fn remove_stale_pid_file(&self) -> anyhow::Result<()> {
+        if self.run_state() != RunState::Stopped {
+            return Ok(());
+        }
+        match std::fs::remove_file(self.data_dir().join("postmaster.pid")) {
+            Ok(()) => {
+                tracing::info!("removed the stale postmaster.pid of a dead postmaster");
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// `pg_ctl start`, waiting until it accepts connections.
     pub fn start(&self) -> anyhow::Result<()> {
+        self.remove_stale_pid_file()?;
         std::fs::create_dir_all(self.data_dir().join("log")).ok();
         self.chown(&self.data_dir().join("log"))?;
         let out = self
