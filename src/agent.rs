@@ -86,6 +86,10 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
     initial_members.insert(node_id, config.member());
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let rejoin_requested = config
+        .postgres
+        .as_ref()
+        .map(|_| Arc::new(std::sync::atomic::AtomicBool::new(false)));
     if let Some(settings) = &config.postgres {
         let supervisor = crate::supervisor::Supervisor {
             node_id,
@@ -96,6 +100,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
             store: store.view.clone(),
             timing: config.file.failover.clone(),
             agent_data_dir: config.file.data_dir.clone(),
+            rejoin_requested: rejoin_requested.clone().expect("set with [postgres]"),
         };
         tokio::spawn(supervisor.run(stop_rx.clone()));
     }
@@ -108,6 +113,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
         proposer,
         api_token: config.api_token.as_str().into(),
         initial_members,
+        rejoin_requested,
     };
 
     let raft_server = tokio::spawn(serve(

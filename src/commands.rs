@@ -350,3 +350,39 @@ pub async fn switchover(
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// `raftmgr node rejoin`: asks this node's agent to rewind its PostgreSQL from the current
+/// primary and start it as a standby, then waits for the `RejoinCompleted` event.
+pub async fn node_rejoin(node: &NodeConfig) -> anyhow::Result<()> {
+    let client = Client::for_node(node);
+    let before = client
+        .cluster_consistent()
+        .await?
+        .state
+        .last_event_log_index;
+    let _: serde_json::Value = client.post("/rejoin", &serde_json::json!({})).await?;
+    println!("{}: rejoin requested", node.file.name);
+    let deadline = std::time::Instant::now() + SWITCHOVER_TIMEOUT;
+    loop {
+        let view = client.cluster().await?;
+        let done = view.state.recent.iter().rev().find_map(|e| match &e.event {
+            Event::RejoinCompleted {
+                node_id,
+                duration_ms,
+                ..
+            } if *node_id == node.file.node_id && e.log_index > before => Some(*duration_ms),
+            _ => None,
+        });
+        if let Some(ms) = done {
+            println!(
+                "{} rejoined as a standby (pg_rewind and start took {ms} ms)",
+                node.file.name
+            );
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!("no RejoinCompleted within {SWITCHOVER_TIMEOUT:?}; see the agent's log and `raftmgr cluster events`");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

@@ -342,6 +342,8 @@ pub struct Executor {
     pub proposer: Proposer,
     pub lease: Arc<Lease>,
     pub timing: FailoverSection,
+    /// `raftmgr node rejoin` asked for a rewind from the primary.
+    pub rejoin_requested: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Executor {
@@ -397,7 +399,14 @@ impl Executor {
                 .not_streaming_since
                 .is_some_and(|t| t.elapsed() >= rewind_after),
         };
-        let Some(action) = reconcile::reconcile(state, self.me, &local) else {
+        let asked = self
+            .rejoin_requested
+            .swap(false, std::sync::atomic::Ordering::SeqCst);
+        let action = match (asked, state.primary) {
+            (true, Some(primary)) if primary != self.me => Some(Action::Rewind { primary }),
+            _ => reconcile::reconcile(state, self.me, &local),
+        };
+        let Some(action) = action else {
             // Nothing to reconcile: a primary in steady state looks after its sync standby.
             if let (Some(status), true) = (status, writable && local.lease_held) {
                 if let Err(e) = self.manage_sync(state, status).await {

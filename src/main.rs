@@ -126,6 +126,9 @@ enum StandbyCommand {
 
 #[derive(Debug, Subcommand)]
 enum NodeCommand {
+    /// Rewind this node's PostgreSQL from the current primary and start it as a standby (its
+    /// agent does it, and reports RejoinPlanned/RejoinCompleted).
+    Rejoin(ConfigArg),
     /// Remove a node's registration (default: this node). The primary cannot be unregistered.
     Unregister {
         #[command(flatten)]
@@ -363,6 +366,7 @@ async fn run_command(command: Command) -> anyhow::Result<()> {
             let client = client::Client::for_node(&node);
             commands::switchover(&client, Some(node.file.name.clone()), true).await?
         }
+        Command::Node(NodeCommand::Rejoin(c)) => commands::node_rejoin(&load(&c)?).await?,
         Command::Node(NodeCommand::Unregister { config, node }) => {
             commands::node_unregister(&load(&config)?, node.as_deref()).await?
         }

@@ -36,6 +36,8 @@ pub struct Supervisor {
     pub timing: FailoverSection,
     /// The agent's own folder (the lease guard's files live there).
     pub agent_data_dir: std::path::PathBuf,
+    /// Set by `POST /rejoin`.
+    pub rejoin_requested: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The executor never runs more often than this, however often the state changes.
@@ -102,6 +104,7 @@ impl Supervisor {
             proposer: self.proposer.clone(),
             lease,
             timing: self.timing.clone(),
+            rejoin_requested: self.rejoin_requested.clone(),
         };
         self.watch_local(executor, tx, probe_interval, stop).await;
     }

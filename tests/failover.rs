@@ -420,6 +420,19 @@ async fn switchover_to_a_named_node_and_back_swaps_roles_without_rewind() {
     })
     .await
     .unwrap();
+
+    // By hand, repmgr's `node rejoin`: refused on the primary; on a standby, its agent rewinds
+    // it from the primary and starts it again.
+    let out = cluster.raftmgr(1, &["node", "rejoin"]).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("is the primary"),
+        "{stderr}"
+    );
+    let out = cluster.raftmgr_ok(3, &["node", "rejoin"]).unwrap();
+    assert!(out.contains("rejoined as a standby"), "{out}");
+    cluster.wait_streaming(1, &[2, 3], TIMEOUT).await.unwrap();
+    assert_eq!(rows(&cluster, 3).await.unwrap(), 110);
 }
 
 #[tokio::test]

@@ -32,6 +32,9 @@ pub struct Api {
     pub api_token: Arc<str>,
     /// The members `POST /cluster/init` starts the cluster with (this node included).
     pub initial_members: BTreeMap<NodeId, Member>,
+    /// Set by `POST /rejoin`; the agent's executor rewinds this node at its next step. `None`
+    /// when the agent manages no PostgreSQL.
+    pub rejoin_requested: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 pub fn router(api: Api) -> Router {
@@ -41,6 +44,7 @@ pub fn router(api: Api) -> Router {
         .route("/events", post(propose).get(events))
         .route("/switchover", post(switchover))
         .route("/pause", post(pause))
+        .route("/rejoin", post(rejoin))
         .route("/resume", post(resume))
         .route("/members", post(add_member))
         .route("/members/{node_id}", delete(remove_member))
@@ -531,4 +535,45 @@ async fn set_paused(api: &Api, event: Event, paused: bool) -> Result<Json<PauseA
         paused,
         log_index: applied.log_index,
     }))
+}
+
+/// `POST /rejoin` (this node): rewind this node's PostgreSQL from the current primary and start
+/// it as its standby, as `raftmgr node rejoin` does. Answered at once (202); the rejoin is
+/// reported as RejoinPlanned and RejoinCompleted events.
+async fn rejoin(
+    State(api): State<Api>,
+    headers: HeaderMap,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    authorize(&api, &headers)?;
+    let Some(flag) = &api.rejoin_requested else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "this agent manages no PostgreSQL",
+        ));
+    };
+    api.proposer.read_barrier().await?;
+    let state = api.store.cluster_state();
+    if !state.nodes.contains_key(&api.node_id) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("{} is not registered", api.node_name),
+        ));
+    }
+    if state.primary == Some(api.node_id) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("{} is the primary; it does not rejoin", api.node_name),
+        ));
+    }
+    if !state.primary_ready || state.primary_resigned {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "there is no running primary to rejoin",
+        ));
+    }
+    flag.store(true, std::sync::atomic::Ordering::SeqCst);
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "rejoin": api.node_name, "generation": state.generation })),
+    ))
 }
