@@ -90,6 +90,10 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
         .postgres
         .as_ref()
         .map(|_| Arc::new(std::sync::atomic::AtomicBool::new(false)));
+    let local = config
+        .postgres
+        .as_ref()
+        .map(|_| Arc::new(std::sync::RwLock::new(raftmgr_api::LocalPostgres::default())));
     if let Some(settings) = &config.postgres {
         let supervisor = crate::supervisor::Supervisor {
             node_id,
@@ -101,6 +105,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
             timing: config.file.failover.clone(),
             agent_data_dir: config.file.data_dir.clone(),
             rejoin_requested: rejoin_requested.clone().expect("set with [postgres]"),
+            local: local.clone().expect("set with [postgres]"),
         };
         tokio::spawn(supervisor.run(stop_rx.clone()));
     }
@@ -114,6 +119,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
         api_token: config.api_token.as_str().into(),
         initial_members,
         rejoin_requested,
+        local,
     };
 
     let raft_server = tokio::spawn(serve(

@@ -344,6 +344,8 @@ pub struct Executor {
     pub timing: FailoverSection,
     /// `raftmgr node rejoin` asked for a rewind from the primary.
     pub rejoin_requested: Arc<std::sync::atomic::AtomicBool>,
+    /// What this step measured, for the API's load-balancer checks.
+    pub local: Arc<std::sync::RwLock<raftmgr_api::LocalPostgres>>,
 }
 
 impl Executor {
@@ -398,6 +400,12 @@ impl Executor {
             stuck: memory
                 .not_streaming_since
                 .is_some_and(|t| t.elapsed() >= rewind_after),
+        };
+        *self.local.write().expect("local status lock") = raftmgr_api::LocalPostgres {
+            running: local.running && status.is_some(),
+            in_recovery: local.in_recovery,
+            lease_held: local.lease_held,
+            timeline: status.and_then(|s| s.timeline),
         };
         let asked = self
             .rejoin_requested

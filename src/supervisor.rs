@@ -38,6 +38,8 @@ pub struct Supervisor {
     pub agent_data_dir: std::path::PathBuf,
     /// Set by `POST /rejoin`.
     pub rejoin_requested: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Published for the API's load-balancer checks.
+    pub local: std::sync::Arc<std::sync::RwLock<raftmgr_api::LocalPostgres>>,
 }
 
 /// The executor never runs more often than this, however often the state changes.
@@ -105,6 +107,7 @@ impl Supervisor {
             lease,
             timing: self.timing.clone(),
             rejoin_requested: self.rejoin_requested.clone(),
+            local: self.local.clone(),
         };
         self.watch_local(executor, tx, probe_interval, stop).await;
     }

@@ -487,10 +487,42 @@ async fn a_primary_cut_off_by_a_partition_is_fenced_before_the_majority_promotes
         .unwrap();
     let lab = cluster.network().unwrap();
 
-    let new_primary = assert_fenced_before_promotion(&cluster, || {
+    // Meanwhile, ask every node's /primary as a load balancer would.
+    let checks = async {
+        let mut old_last_ok = None;
+        let deadline = Instant::now() + TIMEOUT;
+        while Instant::now() < deadline {
+            for id in [1, 2, 3] {
+                let url = format!("http://{}/primary", cluster.node(id).api_addr);
+                let ok = cluster
+                    .http()
+                    .get(url)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status() == 200);
+                match (ok, id) {
+                    (true, 1) => old_last_ok = Some(Instant::now()),
+                    (true, _) => return (old_last_ok, Instant::now()),
+                    _ => {}
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("no new primary answered /primary with 200");
+    };
+    let fenced = assert_fenced_before_promotion(&cluster, || {
         lab.partition(1, &[2, 3]).unwrap();
-    })
-    .await;
+    });
+    let (new_primary, (old_last_ok, new_first_ok)) = tokio::join!(fenced, checks);
+    let old_last_ok = old_last_ok.expect("node 1 answered 200 before the partition");
+    assert!(
+        old_last_ok < new_first_ok,
+        "GET /primary: the old primary answered 200 after the new one did"
+    );
+    eprintln!(
+        "GET /primary: old primary's last 200 {:?} before the new primary's first",
+        new_first_ok - old_last_ok
+    );
     assert!(cluster.read_log(1).contains("fenc"), "node 1 fenced itself");
 
     // Healed, the old primary is rewound and follows the new one.

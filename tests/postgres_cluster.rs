@@ -108,6 +108,25 @@ async fn init_clone_and_register_give_streaming_standbys_and_refusals_change_not
         "{table}"
     );
 
+    // The load-balancer checks, as HAProxy would ask them.
+    let status = |id: u64, path: &'static str| {
+        let url = format!("http://{}{path}", cluster.node(id).api_addr);
+        let http = cluster.http().clone();
+        async move { http.get(url).send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(status(1, "/primary").await, 200);
+    assert_eq!(status(1, "/leader").await, 200);
+    assert_eq!(status(2, "/primary").await, 503);
+    assert_eq!(status(1, "/replica").await, 503);
+    assert_eq!(status(2, "/replica").await, 200);
+    assert_eq!(status(3, "/replica?lag=16MB").await, 200);
+    assert_eq!(status(3, "/replica?lag=ten").await, 400);
+    for id in [1, 2, 3] {
+        assert_eq!(status(id, "/read-only").await, 200);
+        assert_eq!(status(id, "/health").await, 200);
+        assert_eq!(status(id, "/readiness").await, 200);
+    }
+
     // Refusals: each clear, nothing changed.
     let before = cluster.view(1).await.unwrap();
     let pid = cluster.postmaster_pid(2).unwrap();

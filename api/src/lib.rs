@@ -35,6 +35,19 @@ pub struct Api {
     /// Set by `POST /rejoin`; the agent's executor rewinds this node at its next step. `None`
     /// when the agent manages no PostgreSQL.
     pub rejoin_requested: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// What the agent last measured of its own PostgreSQL; `None` without `[postgres]`.
+    pub local: Option<Arc<std::sync::RwLock<LocalPostgres>>>,
+}
+
+/// The agent's latest measurement of its PostgreSQL, for the load-balancer checks.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LocalPostgres {
+    pub running: bool,
+    /// `pg_is_in_recovery()`; `None` when it did not answer.
+    pub in_recovery: Option<bool>,
+    /// The agent holds a live lease for the current generation.
+    pub lease_held: bool,
+    pub timeline: Option<u32>,
 }
 
 pub fn router(api: Api) -> Router {
@@ -52,6 +65,13 @@ pub fn router(api: Api) -> Router {
             "/liveness",
             get(|| async { Json(serde_json::json!({"alive": true})) }),
         )
+        .route("/primary", get(check_primary))
+        .route("/leader", get(check_primary))
+        .route("/read-write", get(check_primary))
+        .route("/replica", get(check_replica))
+        .route("/read-only", get(check_read_only))
+        .route("/health", get(check_health))
+        .route("/readiness", get(check_readiness))
         .with_state(api)
 }
 
@@ -576,4 +596,152 @@ async fn rejoin(
         StatusCode::ACCEPTED,
         Json(serde_json::json!({ "rejoin": api.node_name, "generation": state.generation })),
     ))
+}
+
+/// The body of the load-balancer checks (Patroni-like).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CheckAnswer {
+    /// `primary`, `replica`, `fenced` (writable but not allowed to be), `stopped` or `unknown`.
+    pub role: String,
+    pub running: bool,
+    pub generation: u64,
+    pub timeline: Option<u32>,
+    pub lease_held: bool,
+    pub lag_bytes: Option<u64>,
+}
+
+fn check(api: &Api) -> (CheckAnswer, bool) {
+    let local = api
+        .local
+        .as_ref()
+        .map(|l| l.read().expect("local status lock").clone())
+        .unwrap_or_default();
+    let state = api.store.cluster_state();
+    let named_primary =
+        state.primary == Some(api.node_id) && !state.primary_resigned && state.primary_ready;
+    let writable = local.running && local.in_recovery == Some(false);
+    let is_primary = named_primary && writable && local.lease_held;
+    let role = match (local.running, local.in_recovery) {
+        (true, Some(true)) => "replica",
+        (true, Some(false)) if is_primary => "primary",
+        (true, Some(false)) => "fenced",
+        (false, _) => "stopped",
+        (true, None) => "unknown",
+    };
+    let lag_bytes = state
+        .node_summaries()
+        .into_iter()
+        .find(|s| s.id == api.node_id)
+        .and_then(|s| s.lag_bytes);
+    let answer = CheckAnswer {
+        role: role.into(),
+        running: local.running,
+        generation: state.generation,
+        timeline: local.timeline,
+        lease_held: local.lease_held,
+        lag_bytes,
+    };
+    (answer, is_primary)
+}
+
+fn answer(ok: bool, body: CheckAnswer) -> (StatusCode, Json<CheckAnswer>) {
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body))
+}
+
+/// `GET /primary` (`/leader`, `/read-write`): 200 only on the writable primary of the current
+/// generation that holds the lease; 503 everywhere else, a fenced or deposed primary included.
+async fn check_primary(State(api): State<Api>) -> (StatusCode, Json<CheckAnswer>) {
+    let (body, is_primary) = check(&api);
+    answer(is_primary, body)
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct ReplicaQuery {
+    /// Maximum replication lag, e.g. `10MB`, `512kB`, `1000` (bytes).
+    pub lag: Option<String>,
+}
+
+/// Parses PostgreSQL-style sizes: `1000`, `512kB`, `10MB`, `1GB`.
+pub fn parse_size_bytes(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let digits_end = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(digits_end);
+    let number: u64 = number.parse().ok()?;
+    let factor = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1 << 10,
+        "mb" => 1 << 20,
+        "gb" => 1 << 30,
+        _ => return None,
+    };
+    number.checked_mul(factor)
+}
+
+/// `GET /replica[?lag=10MB]`: 200 on a running standby (within the lag limit, when given).
+async fn check_replica(
+    State(api): State<Api>,
+    query: Result<Query<ReplicaQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<(StatusCode, Json<CheckAnswer>), ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let limit = match &query.lag {
+        None => None,
+        Some(text) => Some(parse_size_bytes(text).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("lag={text:?} is not a size like 10MB"),
+            )
+        })?),
+    };
+    let (body, _) = check(&api);
+    let within = match (limit, body.lag_bytes) {
+        (None, _) => true,
+        (Some(limit), Some(lag)) => lag <= limit,
+        (Some(_), None) => false,
+    };
+    let ok = body.role == "replica" && within;
+    Ok(answer(ok, body))
+}
+
+/// `GET /read-only`: 200 on a node that serves reads (the primary or a standby).
+async fn check_read_only(State(api): State<Api>) -> (StatusCode, Json<CheckAnswer>) {
+    let (body, is_primary) = check(&api);
+    let ok = is_primary || body.role == "replica";
+    answer(ok, body)
+}
+
+/// `GET /health`: 200 while PostgreSQL runs.
+async fn check_health(State(api): State<Api>) -> (StatusCode, Json<CheckAnswer>) {
+    let (body, _) = check(&api);
+    let ok = body.running;
+    answer(ok, body)
+}
+
+/// `GET /readiness`: 200 when this member knows a Raft leader and its PostgreSQL (if any) runs.
+async fn check_readiness(State(api): State<Api>) -> (StatusCode, Json<CheckAnswer>) {
+    let (body, _) = check(&api);
+    let leader = api.raft.metrics().borrow().current_leader.is_some();
+    let ok = leader && (api.local.is_none() || body.running);
+    answer(ok, body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size_bytes;
+
+    #[test]
+    fn sizes_parse_like_postgres() {
+        assert_eq!(parse_size_bytes("1000"), Some(1000));
+        assert_eq!(parse_size_bytes("512kB"), Some(512 * 1024));
+        assert_eq!(parse_size_bytes("10MB"), Some(10 << 20));
+        assert_eq!(parse_size_bytes("1GB"), Some(1 << 30));
+        assert_eq!(parse_size_bytes("ten"), None);
+        assert_eq!(parse_size_bytes("10XB"), None);
+    }
 }
