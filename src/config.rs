@@ -66,6 +66,9 @@ pub struct FailoverSection {
     /// synchronous standby when one streams, and only it may be promoted; `strict` also blocks
     /// writes while no standby can be synchronous.
     pub synchronous_mode: SynchronousMode,
+    /// When pg_rewind fails, move the data directory aside and clone the node again from the
+    /// primary (nothing is deleted); otherwise retry pg_rewind and wait for a human.
+    pub reclone_on_rewind_failure: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -87,6 +90,7 @@ impl Default for FailoverSection {
             decide_interval_ms: 100,
             rewind_after_ms: 5000,
             synchronous_mode: SynchronousMode::Off,
+            reclone_on_rewind_failure: true,
         }
     }
 }

@@ -378,8 +378,11 @@ impl Executor {
             .is_some_and(|c| c.starts_with("shut down"));
         // A fresh base backup carries the primary's control file ("in production") and a
         // backup_label; only without the label did this data directory run as a primary.
-        let was_primary = matches!(control.as_deref(), Some("in production" | "shut down"))
-            && !self.pg.data_dir().join("backup_label").exists();
+        // A data directory left empty by an interrupted re-clone takes the same road: pg_rewind
+        // cannot work on it, so the node is cloned again.
+        let was_primary = (matches!(control.as_deref(), Some("in production" | "shut down"))
+            && !self.pg.data_dir().join("backup_label").exists())
+            || (!running && !self.pg.is_initialized());
         let following = self.pg.following();
         let streaming = status.is_some_and(|s| s.wal_receiver.as_deref() == Some("streaming"));
         if status.is_some_and(|s| s.in_recovery) && !streaming && following == state.primary {
@@ -544,6 +547,35 @@ impl Executor {
         Ok(())
     }
 
+    /// pg_rewind could not work: keep the data directory aside and clone again from the primary.
+    async fn reclone(
+        &self,
+        generation: u64,
+        primary: NodeId,
+        conninfo: &str,
+        why: &str,
+    ) -> anyhow::Result<()> {
+        tracing::error!("pg_rewind failed: {why}; cloning again from node {primary}");
+        let plan = Event::RejoinPlanned {
+            node_id: self.me,
+            generation,
+            method: RejoinMethod::Reclone,
+            reason: format!("pg_rewind failed: {}", why.lines().last().unwrap_or(why)),
+        };
+        self.proposer.propose(plan).await?;
+        let (pg, name, upstream) = (self.pg.clone(), self.name.clone(), conninfo.to_string());
+        blocking(move || {
+            let aside = pg.move_data_aside()?;
+            tracing::warn!(
+                "the old data directory is kept at {}; remove it once it is no longer needed",
+                aside.display()
+            );
+            pg.prepare_dirs()?;
+            pg.basebackup(&upstream, &crate::pg::slot_name(&name), false)
+        })
+        .await
+    }
+
     /// Synchronous mode on the primary. The order keeps invariant 4: a standby is named in
     /// `synchronous_standby_names` only after the sync set naming it is committed, and removed
     /// from PostgreSQL before its removal is committed; so every commit PostgreSQL acknowledged
@@ -703,12 +735,31 @@ impl Executor {
             probe::connect(&self.pg.peer_conninfo(&conninfo, "postgres"), PROBE_TIMEOUT).await?;
         source.batch_execute("CHECKPOINT").await?;
         self.ensure_slot(&conninfo).await?;
-        let (pg, name) = (self.pg.clone(), self.name.clone());
-        let output = blocking(move || {
+        let (pg, name, upstream) = (self.pg.clone(), self.name.clone(), conninfo.clone());
+        let rewound = blocking(move || {
             if let RunState::Running { .. } = pg.run_state() {
                 pg.stop("fast")?;
             }
-            let output = pg.rewind(&conninfo)?;
+            pg.rewind(&upstream)
+        })
+        .await;
+        let method = match rewound {
+            Ok(output) => {
+                tracing::warn!(
+                    "rewound from node {primary}: {}",
+                    output.trim().replace('\n', "; ")
+                );
+                RejoinMethod::Rewind
+            }
+            Err(e) if self.timing.reclone_on_rewind_failure => {
+                self.reclone(generation, primary, &conninfo, &format!("{e:#}"))
+                    .await?;
+                RejoinMethod::Reclone
+            }
+            Err(e) => return Err(e.context("pg_rewind failed (reclone_on_rewind_failure is off)")),
+        };
+        let (pg, name) = (self.pg.clone(), name);
+        blocking(move || {
             pg.write_config(
                 &name,
                 Some(Upstream {
@@ -717,18 +768,13 @@ impl Executor {
                 }),
             )?;
             pg.write_standby_signal()?;
-            pg.start()?;
-            Ok(output)
+            pg.start()
         })
         .await?;
-        tracing::warn!(
-            "rewound from node {primary}: {}",
-            output.trim().replace('\n', "; ")
-        );
         let done = Event::RejoinCompleted {
             node_id: self.me,
             generation,
-            method: RejoinMethod::Rewind,
+            method,
             duration_ms: started.elapsed().as_millis() as u64,
         };
         self.proposer.propose(done).await?;

@@ -546,3 +546,77 @@ async fn a_primary_cut_off_by_a_partition_is_fenced_before_the_majority_promotes
         kinds(&view)
     );
 }
+
+#[tokio::test]
+async fn when_pg_rewind_cannot_work_the_old_primary_is_cloned_again() {
+    let mut cluster = replicated_cluster().await;
+    cluster.wait_streaming(1, &[2, 3], TIMEOUT).await.unwrap();
+    cluster.kill(1).unwrap();
+    cluster.kill_postmaster(1).unwrap();
+    let (new_primary, _) = wait_for_new_primary(&cluster, 2, 1).await;
+    sql(
+        &cluster,
+        new_primary,
+        "INSERT INTO acked SELECT generate_series(101, 130)",
+    )
+    .await
+    .unwrap();
+
+    // The WAL pg_rewind (and crash recovery) would need is gone.
+    let wal = cluster.node(1).pg_data.join("pg_wal");
+    for entry in std::fs::read_dir(&wal).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+    cluster.start_node(1).unwrap();
+    let others: Vec<NodeId> = [1, 2, 3]
+        .into_iter()
+        .filter(|id| *id != new_primary)
+        .collect();
+    let view = cluster
+        .wait_streaming(new_primary, &others, TIMEOUT)
+        .await
+        .unwrap();
+    let recloned = view.state.recent.iter().any(|e| {
+        matches!(
+            e.event,
+            Event::RejoinCompleted {
+                node_id: 1,
+                method: raftmgr_raft::RejoinMethod::Reclone,
+                ..
+            }
+        )
+    });
+    assert!(recloned, "node 1 was cloned again: {:?}", kinds(&view));
+    let reason = view.state.recent.iter().find_map(|e| match &e.event {
+        Event::RejoinPlanned {
+            node_id: 1,
+            method: raftmgr_raft::RejoinMethod::Reclone,
+            reason,
+            ..
+        } => Some(reason.clone()),
+        _ => None,
+    });
+    assert!(
+        reason.is_some_and(|r| r.contains("pg_rewind failed")),
+        "the plan says why"
+    );
+    let data = &cluster.node(1).pg_data;
+    let kept = std::fs::read_dir(data.parent().unwrap()).unwrap().any(|e| {
+        e.unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with("pgdata.rewind-failed-")
+    });
+    assert!(kept, "the old data directory is kept aside, not deleted");
+    wait::until("node 1 to hold the new primary's rows", TIMEOUT, || async {
+        match rows(&cluster, 1).await? {
+            130 => Ok(()),
+            n => Err(format!("{n} rows")),
+        }
+    })
+    .await
+    .unwrap();
+}

@@ -659,6 +659,7 @@ fn rejoin_event(view: &ClusterView, old: NodeId, generation: u64) -> Option<(Str
             let method = match method {
                 RejoinMethod::Rewind => "rewind",
                 RejoinMethod::Follow => "follow",
+                RejoinMethod::Reclone => "reclone",
             };
             Some((method.to_string(), *duration_ms))
         }

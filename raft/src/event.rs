@@ -160,6 +160,9 @@ pub enum RejoinMethod {
     Rewind,
     /// Only repoint `primary_conninfo`: nothing diverged.
     Follow,
+    /// pg_rewind could not work: a fresh base backup from the primary (the old data directory
+    /// is kept aside, not deleted).
+    Reclone,
 }
 
 impl Event {

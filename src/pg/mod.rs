@@ -340,6 +340,25 @@ impl Pg {
         check("pg_ctl reload", &out)
     }
 
+    /// Renames the data directory to `<name>.rewind-failed-<unix time>` beside it; returns the
+    /// new path. Nothing is deleted.
+    pub fn move_data_aside(&self) -> anyhow::Result<std::path::PathBuf> {
+        let seconds = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs();
+        let mut aside = self.data_dir().as_os_str().to_owned();
+        aside.push(format!(".rewind-failed-{seconds}"));
+        let aside = std::path::PathBuf::from(aside);
+        std::fs::rename(self.data_dir(), &aside).with_context(|| {
+            format!(
+                "moving {} aside to {}",
+                self.data_dir().display(),
+                aside.display()
+            )
+        })?;
+        Ok(aside)
+    }
+
     /// `pg_rewind` of this (stopped) data directory from `source_conninfo`. PostgreSQL 13+ runs
     /// crash recovery first when the target was not shut down cleanly.
     pub fn rewind(&self, source_conninfo: &str) -> anyhow::Result<String> {
