@@ -482,8 +482,14 @@ impl Executor {
                 .await?;
             }
             Action::Resign => {
+                let clean = self
+                    .control_state()
+                    .await
+                    .is_some_and(|c| c.starts_with("shut down"));
                 let reason = if state.pending_switchover().is_some() {
                     "switchover: its PostgreSQL shut down cleanly after sending all WAL"
+                } else if clean {
+                    "its PostgreSQL was shut down by hand outside maintenance mode"
                 } else {
                     "its PostgreSQL died and no postmaster of its data directory runs"
                 };
@@ -506,37 +512,14 @@ impl Executor {
                 fence(&self.pg, &self.lease).await;
             }
             Action::StartAsStandby { primary } => {
-                let conninfo = self.conninfo_of(state, *primary)?;
-                self.ensure_slot(&conninfo).await?;
-                let (pg, name, id) = (self.pg.clone(), self.name.clone(), *primary);
-                blocking(move || {
-                    pg.write_config(
-                        &name,
-                        Some(Upstream {
-                            node_id: id,
-                            conninfo: &conninfo,
-                        }),
-                    )?;
+                self.point_at(state, *primary, |pg| {
                     pg.write_standby_signal()?;
                     pg.start()
                 })
                 .await?;
             }
             Action::Follow { primary } => {
-                let conninfo = self.conninfo_of(state, *primary)?;
-                self.ensure_slot(&conninfo).await?;
-                let (pg, name, id) = (self.pg.clone(), self.name.clone(), *primary);
-                blocking(move || {
-                    pg.write_config(
-                        &name,
-                        Some(Upstream {
-                            node_id: id,
-                            conninfo: &conninfo,
-                        }),
-                    )?;
-                    pg.reload()
-                })
-                .await?;
+                self.point_at(state, *primary, Pg::reload).await?;
                 tracing::info!("following node {primary}");
             }
             Action::Rewind { primary } => {
@@ -663,6 +646,28 @@ impl Executor {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// Makes sure this node's slot exists on `primary`, points `primary_conninfo` at it, then
+    /// runs `then` (start or reload).
+    async fn point_at(
+        &self,
+        state: &ClusterState,
+        primary: NodeId,
+        then: impl FnOnce(&Pg) -> anyhow::Result<()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let conninfo = self.conninfo_of(state, primary)?;
+        self.ensure_slot(&conninfo).await?;
+        let (pg, name) = (self.pg.clone(), self.name.clone());
+        blocking(move || {
+            let upstream = Upstream {
+                node_id: primary,
+                conninfo: &conninfo,
+            };
+            pg.write_config(&name, Some(upstream))?;
+            then(&pg)
+        })
+        .await
     }
 
     fn conninfo_of(&self, state: &ClusterState, node: NodeId) -> anyhow::Result<String> {

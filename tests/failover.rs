@@ -12,10 +12,15 @@ use tokio_postgres::NoTls;
 const BINARY: &str = env!("CARGO_BIN_EXE_raftmgr");
 const TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Three nodes, node1 the primary, a table `acked` with rows 1..=100.
 async fn replicated_cluster() -> LocalCluster {
+    replicated_cluster_with(Options::default()).await
+}
+
+async fn replicated_cluster_with(options: Options) -> LocalCluster {
     let options = Options {
         postgres: true,
-        ..Options::default()
+        ..options
     };
     let cluster = LocalCluster::start(Path::new(BINARY), &options)
         .await
@@ -473,18 +478,11 @@ async fn a_primary_cut_off_by_a_partition_is_fenced_before_the_majority_promotes
         nix::unistd::geteuid().is_root(),
         "this test needs root: it puts each node in its own network namespace"
     );
-    let options = Options {
-        postgres: true,
+    let cluster = replicated_cluster_with(Options {
         network: true,
         ..Options::default()
-    };
-    let cluster = LocalCluster::start(Path::new(BINARY), &options)
-        .await
-        .unwrap();
-    cluster.setup_replication(&[1, 2, 3]).await.unwrap();
-    sql(&cluster, 1, "CREATE TABLE acked (id int primary key)")
-        .await
-        .unwrap();
+    })
+    .await;
     let lab = cluster.network().unwrap();
 
     // Meanwhile, ask every node's /primary as a load balancer would.

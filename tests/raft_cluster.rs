@@ -14,17 +14,7 @@ fn binary() -> &'static Path {
 }
 
 fn registration(id: NodeId, role: PgRole) -> Event {
-    Event::NodeRegistered(NodeRegistration {
-        node_id: id,
-        name: format!("node{id}"),
-        role,
-        upstream: None,
-        api_addr: String::new(),
-        pg_conninfo: String::new(),
-        priority: 100,
-        nofailover: false,
-        nosync: false,
-    })
+    Event::NodeRegistered(NodeRegistration::for_tests(id, role))
 }
 
 fn observation(observer: NodeId, subject: NodeId, lsn: u64) -> Event {

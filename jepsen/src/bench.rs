@@ -180,17 +180,7 @@ async fn one_run(binary: &Path, args: &BenchRaftArgs) -> anyhow::Result<RunResul
 }
 
 async fn register_primary(cluster: &LocalCluster) -> anyhow::Result<()> {
-    let registration = Event::NodeRegistered(NodeRegistration {
-        node_id: 1,
-        name: "node1".into(),
-        role: PgRole::Primary,
-        upstream: None,
-        api_addr: String::new(),
-        pg_conninfo: String::new(),
-        priority: 100,
-        nofailover: false,
-        nosync: false,
-    });
+    let registration = Event::NodeRegistered(NodeRegistration::for_tests(1, PgRole::Primary));
     let answer = cluster
         .propose(1, &registration)
         .await

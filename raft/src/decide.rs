@@ -191,15 +191,9 @@ mod tests {
             };
             state.apply(
                 &Event::NodeRegistered(NodeRegistration {
-                    node_id: *id,
-                    name: format!("node{id}"),
-                    role,
-                    upstream: None,
-                    api_addr: String::new(),
-                    pg_conninfo: String::new(),
                     priority: *priority,
                     nofailover: *nofailover,
-                    nosync: false,
+                    ..NodeRegistration::for_tests(*id, role)
                 }),
                 i as u64 + 1,
             );

@@ -39,6 +39,24 @@ pub struct NodeRegistration {
     pub nosync: bool,
 }
 
+impl NodeRegistration {
+    /// A registration with made-up addresses, for tests and benchmarks: `node{id}`, priority
+    /// 100, no tags.
+    pub fn for_tests(node_id: NodeId, role: PgRole) -> Self {
+        NodeRegistration {
+            node_id,
+            name: format!("node{node_id}"),
+            role,
+            upstream: None,
+            api_addr: String::new(),
+            pg_conninfo: String::new(),
+            priority: 100,
+            nofailover: false,
+            nosync: false,
+        }
+    }
+}
+
 /// What one agent saw of one node's PostgreSQL. Recorded when something changes and as a bounded
 /// periodic summary, never on every probe.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

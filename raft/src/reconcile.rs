@@ -86,7 +86,9 @@ pub fn reconcile(state: &ClusterState, me: NodeId, local: &Local) -> Option<Acti
             return Some(Action::Promote);
         }
         if !local.running {
-            if local.crashed {
+            // A primary that crashed, or that someone stopped by hand outside maintenance mode,
+            // hands over: the cluster must not sit without a writable primary.
+            if local.crashed || (local.stopped_by_hand && !state.paused) {
                 return Some(Action::Resign);
             }
             if !local.stopped_by_hand {
@@ -148,17 +150,7 @@ mod tests {
                 PgRole::Standby
             };
             s.apply(
-                &Event::NodeRegistered(NodeRegistration {
-                    node_id: id,
-                    name: format!("node{id}"),
-                    role,
-                    upstream: None,
-                    api_addr: String::new(),
-                    pg_conninfo: String::new(),
-                    priority: 100,
-                    nofailover: false,
-                    nosync: false,
-                }),
+                &Event::NodeRegistered(NodeRegistration::for_tests(id, role)),
                 id,
             );
         }
@@ -235,6 +227,30 @@ mod tests {
             reconcile(&ready, 3, &following_1),
             Some(Action::Follow { primary: 2 })
         );
+    }
+
+    #[test]
+    fn a_primary_stopped_by_hand_resigns_unless_paused() {
+        let mut s = state(true, None);
+        let stopped = Local {
+            stopped_by_hand: true,
+            lease_held: true,
+            ..Local::default()
+        };
+        assert_eq!(reconcile(&s, 1, &stopped), Some(Action::Resign));
+        s.apply(
+            &Event::Paused {
+                reason: "maintenance".into(),
+            },
+            50,
+        );
+        assert_eq!(
+            reconcile(&s, 1, &stopped),
+            None,
+            "maintenance: leave it stopped"
+        );
+        // A standby stopped by hand is left alone either way.
+        assert_eq!(reconcile(&s, 2, &stopped), None);
     }
 
     #[test]

@@ -498,17 +498,7 @@ mod tests {
     use crate::event::CandidateAssessment;
 
     fn registration(id: NodeId, role: PgRole) -> NodeRegistration {
-        NodeRegistration {
-            node_id: id,
-            name: format!("node{id}"),
-            role,
-            upstream: None,
-            api_addr: format!("127.0.0.1:{}", 8000 + id),
-            pg_conninfo: format!("host=127.0.0.1 port={}", 5432 + id),
-            priority: 100,
-            nofailover: false,
-            nosync: false,
-        }
+        NodeRegistration::for_tests(id, role)
     }
 
     fn decision(for_generation: u64, candidate: NodeId) -> PromotionDecision {

@@ -150,17 +150,7 @@ mod tests {
 
     fn register(state: &mut ClusterState, id: NodeId, role: PgRole, index: u64) {
         state.apply(
-            &Event::NodeRegistered(NodeRegistration {
-                node_id: id,
-                name: format!("node{id}"),
-                role,
-                upstream: None,
-                api_addr: String::new(),
-                pg_conninfo: String::new(),
-                priority: 100,
-                nofailover: false,
-                nosync: false,
-            }),
+            &Event::NodeRegistered(NodeRegistration::for_tests(id, role)),
             index,
         );
     }

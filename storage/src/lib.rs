@@ -393,10 +393,15 @@ impl StoreView {
 }
 
 impl StateMachineStore {
-    fn persist_snapshot(&self, snapshot: &StoredSnapshot) -> Result<(), sled::Error> {
+    /// Stores `snapshot` as the current one and flushes: durable before openraft hears of it.
+    async fn persist_snapshot(&self, snapshot: &StoredSnapshot) -> StorageResult<()> {
+        let failed =
+            |e: &sled::Error| StorageIOError::write_snapshot(Some(snapshot.meta.signature()), e);
         self.snapshots
             .insert(KEY_SNAPSHOT, write_record(snapshot))
-            .map(|_| ())
+            .map_err(|e| failed(&e))?;
+        self.db.flush_async().await.map_err(|e| failed(&e))?;
+        Ok(())
     }
 
     fn current_snapshot(&self) -> StorageResult<Option<StoredSnapshot>> {
@@ -435,12 +440,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             meta: meta.clone(),
             data,
         };
-        self.persist_snapshot(&stored)
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
-        self.db
-            .flush_async()
-            .await
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        self.persist_snapshot(&stored).await?;
         tracing::info!(snapshot = %meta.snapshot_id, "built a snapshot");
         Ok(Snapshot {
             meta,
@@ -500,12 +500,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             meta: meta.clone(),
             data,
         };
-        self.persist_snapshot(&stored)
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
-        self.db
-            .flush_async()
-            .await
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        self.persist_snapshot(&stored).await?;
         *self.machine.write().expect("state lock") = Machine {
             last_applied: meta.last_log_id,
             last_membership: meta.last_membership.clone(),
