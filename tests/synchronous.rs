@@ -13,10 +13,14 @@ const BINARY: &str = env!("CARGO_BIN_EXE_raftmgr");
 const TIMEOUT: Duration = Duration::from_secs(60);
 
 async fn sync_cluster() -> LocalCluster {
+    sync_cluster_with(Options::default()).await
+}
+
+async fn sync_cluster_with(options: Options) -> LocalCluster {
     let options = Options {
         postgres: true,
         failover_settings: vec!["synchronous_mode = \"on\"".into()],
-        ..Options::default()
+        ..options
     };
     let cluster = LocalCluster::start(Path::new(BINARY), &options)
         .await
@@ -162,4 +166,40 @@ async fn a_paused_primary_agent_loses_no_acknowledged_write() {
     let promoted = new_primary(&cluster, 2).await;
     assert_all_present(&cluster, promoted, &acked).await;
     nix::sys::signal::kill(agent, nix::sys::signal::Signal::SIGCONT).unwrap();
+}
+
+#[tokio::test]
+async fn a_partitioned_primary_loses_no_acknowledged_write() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test needs root: it puts each node in its own network namespace"
+    );
+    let cluster = sync_cluster_with(Options {
+        network: true,
+        ..Options::default()
+    })
+    .await;
+    wait_for_sync_standby(&cluster, 1).await;
+    let lab = cluster.network().unwrap();
+    let acked = write_until_fault(&cluster, 1, || lab.partition(1, &[2, 3]).unwrap()).await;
+    let promoted = new_primary(&cluster, 2).await;
+    assert_all_present(&cluster, promoted, &acked).await;
+    lab.heal().unwrap();
+}
+
+#[tokio::test]
+async fn a_switchover_loses_no_acknowledged_write() {
+    let cluster = sync_cluster().await;
+    let sync = wait_for_sync_standby(&cluster, 1).await;
+    let target = format!("node{sync}");
+    let acked = write_until_fault(&cluster, 1, || {
+        let out = cluster
+            .raftmgr(2, &["switchover", "--to", &target, "--no-wait"])
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    })
+    .await;
+    let promoted = new_primary(&cluster, 2).await;
+    assert_eq!(promoted, sync);
+    assert_all_present(&cluster, promoted, &acked).await;
 }
