@@ -121,6 +121,24 @@ async fn init_clone_and_register_give_streaming_standbys_and_refusals_change_not
     assert_eq!(status(2, "/replica").await, 200);
     assert_eq!(status(3, "/replica?lag=16MB").await, 200);
     assert_eq!(status(3, "/replica?lag=ten").await, 400);
+    let metrics = cluster
+        .http()
+        .get(format!("http://{}/metrics", cluster.node(1).api_addr))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "raftmgr_generation{node=\"node1\"} 1",
+        "raftmgr_primary{node=\"node1\"} 1",
+        "raftmgr_postgres_in_recovery{node=\"node1\"} 0",
+        "raftmgr_lease_held{node=\"node1\"} 1",
+        "raftmgr_replication_lag_bytes{node=\"node2\"}",
+    ] {
+        assert!(metrics.contains(line), "{line} missing from\n{metrics}");
+    }
     for id in [1, 2, 3] {
         assert_eq!(status(id, "/read-only").await, 200);
         assert_eq!(status(id, "/health").await, 200);

@@ -65,6 +65,7 @@ pub fn router(api: Api) -> Router {
             "/liveness",
             get(|| async { Json(serde_json::json!({"alive": true})) }),
         )
+        .route("/metrics", get(metrics))
         .route("/primary", get(check_primary))
         .route("/leader", get(check_primary))
         .route("/read-write", get(check_primary))
@@ -729,6 +730,116 @@ async fn check_readiness(State(api): State<Api>) -> (StatusCode, Json<CheckAnswe
     let leader = api.raft.metrics().borrow().current_leader.is_some();
     let ok = leader && (api.local.is_none() || body.running);
     answer(ok, body)
+}
+
+/// `GET /metrics`: Prometheus text format.
+async fn metrics(State(api): State<Api>) -> impl IntoResponse {
+    use std::fmt::Write;
+    let raft = api.raft.metrics().borrow().clone();
+    let state = api.store.cluster_state();
+    let local = api
+        .local
+        .as_ref()
+        .map(|l| l.read().expect("local status lock").clone());
+    let node = format!("node=\"{}\"", api.node_name);
+    let mut out = String::new();
+    let mut gauge = |name: &str, help: &str, samples: Vec<(String, f64)>| {
+        let _ = writeln!(
+            out,
+            "# HELP raftmgr_{name} {help}\n# TYPE raftmgr_{name} gauge"
+        );
+        for (labels, value) in samples {
+            let _ = writeln!(out, "raftmgr_{name}{{{labels}}} {value}");
+        }
+    };
+    let flag = |b: bool| if b { 1.0 } else { 0.0 };
+    gauge(
+        "raft_term",
+        "Current Raft term.",
+        vec![(node.clone(), raft.current_term as f64)],
+    );
+    gauge(
+        "raft_leader",
+        "1 if this member is the Raft leader.",
+        vec![(node.clone(), flag(raft.current_leader == Some(api.node_id)))],
+    );
+    gauge(
+        "raft_last_log_index",
+        "Index of the last entry in this member's log.",
+        vec![(node.clone(), raft.last_log_index.unwrap_or(0) as f64)],
+    );
+    gauge(
+        "raft_applied_index",
+        "Index of the last entry applied to the state machine.",
+        vec![(
+            node.clone(),
+            raft.last_applied.map_or(0, |l| l.index) as f64,
+        )],
+    );
+    gauge(
+        "generation",
+        "Committed generation (grows by one per promotion).",
+        vec![(node.clone(), state.generation as f64)],
+    );
+    gauge(
+        "promotions_total",
+        "Promotions since the first primary registered (generation - 1).",
+        vec![(node.clone(), state.generation.saturating_sub(1) as f64)],
+    );
+    gauge(
+        "primary",
+        "1 if the committed state names this node the primary.",
+        vec![(node.clone(), flag(state.primary == Some(api.node_id)))],
+    );
+    gauge(
+        "paused",
+        "1 while automatic failover is paused.",
+        vec![(node.clone(), flag(state.paused))],
+    );
+    gauge(
+        "events_applied_total",
+        "Events applied, no-ops included.",
+        vec![(node.clone(), state.events_applied as f64)],
+    );
+    if let Some(local) = local {
+        gauge(
+            "postgres_running",
+            "1 while this node's PostgreSQL answers.",
+            vec![(node.clone(), flag(local.running))],
+        );
+        gauge(
+            "postgres_in_recovery",
+            "1 if this node's PostgreSQL is a standby.",
+            vec![(node.clone(), flag(local.in_recovery == Some(true)))],
+        );
+        gauge(
+            "postgres_timeline",
+            "This node's PostgreSQL timeline.",
+            vec![(node.clone(), local.timeline.unwrap_or(0) as f64)],
+        );
+        gauge(
+            "lease_held",
+            "1 while this node holds the primary's lease.",
+            vec![(node.clone(), flag(local.lease_held))],
+        );
+    }
+    let lag: Vec<(String, f64)> = state
+        .node_summaries()
+        .into_iter()
+        .filter_map(|s| Some((format!("node=\"{}\"", s.name), s.lag_bytes? as f64)))
+        .collect();
+    gauge(
+        "replication_lag_bytes",
+        "Replay lag of each standby as its upstream last reported it.",
+        lag,
+    );
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        out,
+    )
 }
 
 #[cfg(test)]
