@@ -9,11 +9,19 @@
 //! * `kill-postmaster`: `kill -9` of the primary's postmaster; its agent lives and resigns.
 //! * `kill-node`: `kill -9` of the primary's agent and then of its postmaster; failover waits for
 //!   the lease to run out. 2 s after the new primary is up the old node's agent is restarted.
+//! * `switchover`: no fault; `POST /switchover` with `{"candidate": "node2"}` (sent to node 3's
+//!   API). The "fault" instant is the moment the request is sent.
 //!
 //! Write unavailability is the longest gap between consecutive acknowledged inserts from the last
 //! acknowledgement before the fault on (normally the one gap that contains the fault time).
-//! Rejoin time runs from the promotion (kill-postmaster) or the agent's restart (kill-node) until
-//! the new primary's view shows the old node and the other standby streaming from it.
+//! Rejoin time runs from the promotion (kill-postmaster), the agent's restart (kill-node) or the
+//! request (switchover) until the new primary's view shows the old node and the other standby
+//! streaming from it.
+//!
+//! `rewind-vs-reclone` is different (see [`rejoin_bench`]): no writer; about 1 GB of data, a node
+//! crash of the primary, a few MB written on the new primary, then the old primary's agent is
+//! restarted and rejoins by pg_rewind, or (in separate runs, its pg_wal emptied first) by a
+//! re-clone.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -58,6 +66,11 @@ const INSERT: &str = "INSERT INTO bench(id, at) VALUES ($1, now())";
 const TARGET_FAST_PATH_MS: f64 = 500.0;
 const TARGET_LEASE_PATH_MS: f64 = 2000.0;
 const TARGET_REJOIN_MS: f64 = 1500.0;
+const TARGET_SWITCHOVER_MS: f64 = 1000.0;
+/// rewind-vs-reclone: the re-clone of ~1 GB may take a while.
+const RECLONE_TIMEOUT: Duration = Duration::from_secs(900);
+/// The switchover's candidate.
+const SWITCHOVER_CANDIDATE: NodeId = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -66,6 +79,11 @@ pub enum Scenario {
     KillPostmaster,
     /// `kill -9` of the primary's agent and postmaster (lease path); the agent is restarted.
     KillNode,
+    /// A planned switchover to node 2 through `POST /switchover`.
+    Switchover,
+    /// Rejoin of a crashed primary with ~1 GB of data: pg_rewind versus re-clone (slow; not run
+    /// unless named).
+    RewindVsReclone,
 }
 
 impl Scenario {
@@ -73,6 +91,8 @@ impl Scenario {
         match self {
             Scenario::KillPostmaster => "kill-postmaster",
             Scenario::KillNode => "kill-node",
+            Scenario::Switchover => "switchover",
+            Scenario::RewindVsReclone => "rewind-vs-reclone",
         }
     }
 
@@ -80,6 +100,8 @@ impl Scenario {
         match self {
             Scenario::KillPostmaster => TARGET_FAST_PATH_MS,
             Scenario::KillNode => TARGET_LEASE_PATH_MS,
+            Scenario::Switchover => TARGET_SWITCHOVER_MS,
+            Scenario::RewindVsReclone => f64::NAN,
         }
     }
 }
@@ -89,12 +111,20 @@ pub struct BenchFailoverArgs {
     /// The raftmgr binary [default: `raftmgr` next to this executable].
     #[arg(long)]
     pub raftmgr: Option<PathBuf>,
-    /// Which fault to inject [default: both, kill-postmaster first].
+    /// Which scenario [default: kill-postmaster, kill-node and switchover; rewind-vs-reclone only
+    /// when named].
     #[arg(long, value_enum)]
     pub scenario: Option<Scenario>,
-    /// How many runs per scenario, each on a fresh cluster.
+    /// How many runs per scenario, each on a fresh cluster [default: 5; rewind-vs-reclone: 3
+    /// per path].
+    #[arg(long)]
+    pub runs: Option<usize>,
+    /// rewind-vs-reclone: the size of the table created on the primary before the crash, MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub data_mb: u64,
+    /// rewind-vs-reclone: how much to write on the new primary before the rejoin, MiB (heap).
     #[arg(long, default_value_t = 5)]
-    pub runs: usize,
+    pub divergence_mb: u64,
     /// Copy every node's agent log of every run into this folder (`<scenario>-run<N>-node<id>.log`).
     #[arg(long)]
     pub keep_logs: Option<PathBuf>,
@@ -105,7 +135,7 @@ pub struct BenchFailoverArgs {
 
 /// Runs the benchmark and prints its results.
 pub async fn bench_failover(args: BenchFailoverArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(args.runs >= 1, "--runs must be at least 1");
+    anyhow::ensure!(args.runs != Some(0), "--runs must be at least 1");
     let binary = match &args.raftmgr {
         Some(path) => path.clone(),
         None => default_binary()?,
@@ -115,17 +145,25 @@ pub async fn bench_failover(args: BenchFailoverArgs) -> anyhow::Result<()> {
     }
     let scenarios = match args.scenario {
         Some(s) => vec![s],
-        None => vec![Scenario::KillPostmaster, Scenario::KillNode],
+        None => vec![
+            Scenario::KillPostmaster,
+            Scenario::KillNode,
+            Scenario::Switchover,
+        ],
     };
     let mut reports = Vec::new();
     for scenario in scenarios {
+        if scenario == Scenario::RewindVsReclone {
+            reports.push(rejoin_bench(&binary, &args).await);
+            continue;
+        }
+        let total = args.runs.unwrap_or(5);
         let mut runs = Vec::new();
         let mut failures = Vec::new();
-        for number in 1..=args.runs {
+        for number in 1..=total {
             eprintln!(
-                "{} run {number}/{}: starting a three-node cluster with PostgreSQL",
+                "{} run {number}/{total}: starting a three-node cluster with PostgreSQL",
                 scenario.name(),
-                args.runs
             );
             match one_run(&binary, scenario, number, &args).await {
                 Ok(run) => {
@@ -172,6 +210,8 @@ pub async fn bench_failover(args: BenchFailoverArgs) -> anyhow::Result<()> {
 fn settings(args: &BenchFailoverArgs) -> serde_json::Value {
     serde_json::json!({
         "runs_per_scenario": args.runs,
+        "data_mb": args.data_mb,
+        "divergence_mb": args.divergence_mb,
         "write_interval_ms": millis(WRITE_INTERVAL),
         "statement_timeout_ms": millis(STATEMENT_TIMEOUT),
         "warm_up_ms": millis(WARM_UP),
@@ -211,7 +251,10 @@ pub struct RunResult {
     /// When the agent's exit was seen (kill-node) and when SIGKILL was sent to the postmaster,
     /// relative to the fault instant (taken just before the first signal).
     pub agent_killed_ms: Option<f64>,
-    pub postmaster_killed_ms: f64,
+    pub postmaster_killed_ms: Option<f64>,
+    /// switchover: how long `POST /switchover` took to answer (the request is committed then;
+    /// `promotion_seen_ms` is when the new primary was ready).
+    pub switchover_answer_ms: Option<f64>,
     /// The agent restart (kill-node), relative to the fault.
     pub restart_ms: Option<f64>,
     /// The killed postmaster's parent pid while it was a zombie, and when its pid was gone
@@ -307,16 +350,41 @@ async fn run_on(
     eprintln!("  primary node {old}: {}", scenario.name());
     let fault_utc = utc(SystemTime::now());
     let fault = Instant::now();
-    let (postmaster, agent_killed_ms) = match scenario {
-        Scenario::KillPostmaster => (cluster.kill_postmaster(old)?, None),
+    let (postmaster, agent_killed_ms, switchover_answer_ms) = match scenario {
+        Scenario::KillPostmaster => (Some(cluster.kill_postmaster(old)?), None, None),
         Scenario::KillNode => {
             cluster.kill(old)?;
             let agent_killed = millis(fault.elapsed());
-            (cluster.kill_postmaster(old)?, Some(agent_killed))
+            (
+                Some(cluster.kill_postmaster(old)?),
+                Some(agent_killed),
+                None,
+            )
         }
+        Scenario::Switchover => {
+            let candidate = if others.contains(&SWITCHOVER_CANDIDATE) {
+                SWITCHOVER_CANDIDATE
+            } else {
+                others[0]
+            };
+            let via = others
+                .iter()
+                .copied()
+                .find(|id| *id != candidate)
+                .unwrap_or(candidate);
+            let body = serde_json::json!({ "candidate": format!("node{candidate}") });
+            let answer: serde_json::Value = cluster
+                .post(via, "/switchover", &body)
+                .await
+                .context("POST /switchover")?;
+            let answered = millis(fault.elapsed());
+            eprintln!("  switchover answered after {answered:.0} ms: {answer}");
+            (None, None, Some(answered))
+        }
+        Scenario::RewindVsReclone => bail!("rewind-vs-reclone has its own procedure"),
     };
-    let postmaster_killed_ms = millis(fault.elapsed());
-    let reaped = tokio::spawn(watch_reaped(postmaster, fault));
+    let postmaster_killed_ms = postmaster.map(|_| millis(fault.elapsed()));
+    let reaped = postmaster.map(|pid| tokio::spawn(watch_reaped(pid, fault)));
     let promotion = wait_promoted(cluster, &others, old, old_generation).await?;
     let new = promotion.primary;
     let other = *others
@@ -330,6 +398,7 @@ async fn run_on(
 
     let (rejoin_start, restart_ms) = match scenario {
         Scenario::KillPostmaster => (promotion.at, None),
+        Scenario::Switchover | Scenario::RewindVsReclone => (fault, None),
         Scenario::KillNode => {
             sleep_until(promotion.at + RESTART_DELAY).await;
             let restart = Instant::now();
@@ -337,7 +406,7 @@ async fn run_on(
             (restart, Some(millis(restart - fault)))
         }
     };
-    let rejoin = measure_rejoin(cluster, new, old, other, rejoin_start).await?;
+    let rejoin = measure_rejoin(cluster, new, old, other, rejoin_start, REJOIN_TIMEOUT).await?;
     eprintln!("  node {old} streaming again after {:.0} ms", rejoin.ms);
 
     // Enough acknowledged writes after the promotion.
@@ -356,8 +425,13 @@ async fn run_on(
     )
     .await?;
     let attempts = writer.stop().await?;
-    reaped.abort();
-    let reaped = reaped.await.ok();
+    let reaped = match reaped {
+        Some(handle) => {
+            handle.abort();
+            handle.await.ok()
+        }
+        None => None,
+    };
 
     let present = committed_ids(cluster, new)
         .await
@@ -407,6 +481,7 @@ async fn run_on(
         acks_from_old_primary_after_fault: analysis.acks_from_old_after,
         agent_killed_ms,
         postmaster_killed_ms,
+        switchover_answer_ms,
         restart_ms,
         killed_postmaster_parent: reaped.as_ref().and_then(|r| r.parent),
         killed_postmaster_reaped_ms: reaped.as_ref().and_then(|r| r.gone_ms),
@@ -538,8 +613,9 @@ async fn measure_rejoin(
     old: NodeId,
     other: NodeId,
     start: Instant,
+    limit: Duration,
 ) -> anyhow::Result<Rejoin> {
-    let deadline = start + REJOIN_TIMEOUT;
+    let deadline = start + limit;
     let mut replication = ReplicationWatch::new(cluster.pg_conninfo(new), format!("node{old}"));
     let mut pg_at = None;
     loop {
@@ -558,9 +634,7 @@ async fn measure_rejoin(
             Err(e) => e.to_string(),
         };
         if Instant::now() >= deadline {
-            bail!(
-                "node {old} did not stream from node {new} within {REJOIN_TIMEOUT:?}; last: {last}"
-            );
+            bail!("node {old} did not stream from node {new} within {limit:?}; last: {last}");
         }
         sleep(wait::POLL).await;
     }
@@ -991,6 +1065,7 @@ pub struct ScenarioSummary {
     pub rejoin_ms: Stat,
     pub rejoin_pg_ms: Stat,
     pub promotion_seen_ms: Stat,
+    pub switchover_answer_ms: Option<Stat>,
     pub lost_writes: u64,
     pub target_unavailability_median_ms: f64,
     pub target_rejoin_median_ms: f64,
@@ -1006,6 +1081,8 @@ impl ScenarioSummary {
             rejoin_ms: Stat::of(runs.iter().map(|r| r.rejoin_ms)),
             rejoin_pg_ms: Stat::of(runs.iter().filter_map(|r| r.rejoin_pg_ms)),
             promotion_seen_ms: Stat::of(runs.iter().map(|r| r.promotion_seen_ms)),
+            switchover_answer_ms: (scenario == Scenario::Switchover)
+                .then(|| Stat::of(runs.iter().filter_map(|r| r.switchover_answer_ms))),
             lost_writes: runs.iter().map(|r| r.lost_writes).sum(),
             target_unavailability_median_ms: scenario.target_ms(),
             target_rejoin_median_ms: TARGET_REJOIN_MS,
@@ -1049,9 +1126,15 @@ fn print_run(run: &RunResult) {
     let agent = run
         .agent_killed_ms
         .map_or(String::new(), |ms| format!("agent gone +{ms:.1} ms, "));
-    println!(
-        "  {agent}postmaster SIGKILL +{:.1} ms; killed postmaster: parent while a zombie {}, pid gone {}",
-        run.postmaster_killed_ms,
+    if let Some(ms) = run.switchover_answer_ms {
+        println!(
+            "  POST /switchover answered +{ms:.0} ms; new primary ready (seen) +{:.0} ms",
+            run.promotion_seen_ms
+        );
+    }
+    if let Some(killed) = run.postmaster_killed_ms {
+        println!(
+        "  {agent}postmaster SIGKILL +{killed:.1} ms; killed postmaster: parent while a zombie {}, pid gone {}",
         run.killed_postmaster_parent
             .map_or("-".to_string(), |p| p.to_string()),
         run.killed_postmaster_reaped_ms
@@ -1059,6 +1142,7 @@ fn print_run(run: &RunResult) {
                 "+{ms:.0} ms"
             )),
     );
+    }
     let w = &run.writes;
     println!(
         "  writes: {} attempts, {} acked, {} errors, {} unknown; lost {} {:?}; \
@@ -1100,8 +1184,11 @@ fn print_summary(s: &ScenarioSummary) {
         &s.unavailability_ms,
         format!("median < {}", s.target_unavailability_median_ms),
     );
+    if let Some(answer) = &s.switchover_answer_ms {
+        row("POST /switchover answered", answer, String::new());
+    }
     row(
-        "promotion seen after fault",
+        "new primary ready (seen) after fault",
         &s.promotion_seen_ms,
         String::new(),
     );
@@ -1116,6 +1203,547 @@ fn print_summary(s: &ScenarioSummary) {
         String::new(),
     );
     println!("  lost acknowledged writes in total: {}", s.lost_writes);
+}
+
+// ---------------------------------------------------------------------------------------------
+// rewind-vs-reclone
+// ---------------------------------------------------------------------------------------------
+
+/// How the crashed primary is made to rejoin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RejoinPath {
+    /// Restart its agent as it is: pg_rewind.
+    Rewind,
+    /// Delete the files in its pg_wal first, so pg_rewind fails and the agent clones it again.
+    Reclone,
+}
+
+impl RejoinPath {
+    fn name(self) -> &'static str {
+        match self {
+            RejoinPath::Rewind => "rewind",
+            RejoinPath::Reclone => "reclone",
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct RejoinRun {
+    pub path: RejoinPath,
+    pub run: usize,
+    /// `pg_database_size('postgres')` on the primary after the load.
+    pub database_bytes: i64,
+    /// The table's own size (`pg_total_relation_size('big')`).
+    pub table_bytes: i64,
+    /// The load (one `INSERT … generate_series`), its WAL, then the `CHECKPOINT`.
+    pub load_ms: f64,
+    pub load_wal_bytes: i64,
+    pub checkpoint_ms: f64,
+    /// From the checkpoint's end until both standbys had replayed up to the primary's LSN.
+    pub standbys_replayed_ms: f64,
+    pub crash_utc: String,
+    pub new_primary: NodeId,
+    pub promotion_seen_ms: f64,
+    /// Written on the new primary before the rejoin.
+    pub divergence_rows: i64,
+    pub divergence_table_bytes: i64,
+    pub divergence_wal_bytes: i64,
+    /// The new primary's pg_wal (`pg_ls_waldir()`) just before the restart: stock pg_rewind
+    /// copies every file there in full, as it copies all files that are not relation data.
+    pub source_wal_files: i64,
+    pub source_wal_bytes: i64,
+    /// The killed postmaster's pid was gone (reaped) this long after the crash; the agent is
+    /// restarted only after that.
+    pub postmaster_reaped_ms: Option<f64>,
+    /// Files deleted from pg_wal (reclone path).
+    pub wal_files_deleted: usize,
+    pub restart_utc: String,
+    /// From the agent's restart until the new primary's view shows it (and the other standby)
+    /// streaming from the new primary.
+    pub rejoin_ms: f64,
+    /// Same start, until the new primary's `pg_stat_replication` shows it streaming.
+    pub rejoin_pg_ms: Option<f64>,
+    /// From the committed `RejoinCompleted` of the old node.
+    pub method: Option<String>,
+    pub agent_duration_ms: Option<u64>,
+    /// From the restart until the rejoined node had every row written on the new primary.
+    pub rows_present_ms: f64,
+    /// `pgdata.rewind-failed-*` folders next to the old node's data folder.
+    pub moved_aside: Vec<String>,
+    /// The cluster's temporary folder no longer exists after the cluster was dropped.
+    pub folder_removed: bool,
+    /// The whole run, cluster start to cluster removed.
+    pub total_ms: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RejoinSummary {
+    pub path: RejoinPath,
+    pub runs: usize,
+    pub failed_runs: usize,
+    pub rejoin_ms: Stat,
+    pub rejoin_pg_ms: Stat,
+    pub agent_duration_ms: Stat,
+    pub database_bytes: Stat,
+    pub divergence_wal_bytes: Stat,
+}
+
+/// `rewind-vs-reclone`: `runs` rounds, each one fresh-cluster run of the rewind path followed by
+/// one of the re-clone path. Returns the JSON report (printing tables unless `--json`).
+async fn rejoin_bench(binary: &Path, args: &BenchFailoverArgs) -> serde_json::Value {
+    let total = args.runs.unwrap_or(3);
+    let started = Instant::now();
+    let mut runs: Vec<RejoinRun> = Vec::new();
+    let mut failures = Vec::new();
+    for number in 1..=total {
+        for path in [RejoinPath::Rewind, RejoinPath::Reclone] {
+            eprintln!(
+                "rewind-vs-reclone {} run {number}/{total}: starting a three-node cluster",
+                path.name()
+            );
+            match rejoin_run(binary, path, number, args).await {
+                Ok(run) => {
+                    if !args.json {
+                        print_rejoin_run(&run);
+                    }
+                    runs.push(run);
+                }
+                Err(e) => {
+                    let message = format!("{e:#}");
+                    eprintln!(
+                        "rewind-vs-reclone {} run {number} FAILED: {message}",
+                        path.name()
+                    );
+                    if !args.json {
+                        println!(
+                            "\nrewind-vs-reclone {} run {number}: FAILED: {message}",
+                            path.name()
+                        );
+                    }
+                    failures
+                        .push(serde_json::json!({ "path": path, "run": number, "error": message }));
+                }
+            }
+        }
+    }
+    let summary = |path: RejoinPath| {
+        let of_path: Vec<&RejoinRun> = runs.iter().filter(|r| r.path == path).collect();
+        let failed = failures.iter().filter(|f| f["path"] == path.name()).count();
+        RejoinSummary {
+            path,
+            runs: of_path.len(),
+            failed_runs: failed,
+            rejoin_ms: Stat::of(of_path.iter().map(|r| r.rejoin_ms)),
+            rejoin_pg_ms: Stat::of(of_path.iter().filter_map(|r| r.rejoin_pg_ms)),
+            agent_duration_ms: Stat::of(
+                of_path
+                    .iter()
+                    .filter_map(|r| r.agent_duration_ms.map(|d| d as f64)),
+            ),
+            database_bytes: Stat::of(of_path.iter().map(|r| r.database_bytes as f64)),
+            divergence_wal_bytes: Stat::of(of_path.iter().map(|r| r.divergence_wal_bytes as f64)),
+        }
+    };
+    let rewind = summary(RejoinPath::Rewind);
+    let reclone = summary(RejoinPath::Reclone);
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
+    let ratios = serde_json::json!({
+        "reclone_over_rewind_wall_median": ratio(reclone.rejoin_ms.median, rewind.rejoin_ms.median),
+        "reclone_over_rewind_agent_median": ratio(
+            reclone.agent_duration_ms.median,
+            rewind.agent_duration_ms.median
+        ),
+        "target": ">= 10",
+    });
+    let elapsed_s = started.elapsed().as_secs_f64();
+    if !args.json {
+        print_rejoin_summary(&[&rewind, &reclone], &ratios, elapsed_s);
+    }
+    serde_json::json!({
+        "scenario": Scenario::RewindVsReclone,
+        "runs": runs,
+        "failures": failures,
+        "summary": { "rewind": rewind, "reclone": reclone, "ratios": ratios },
+        "elapsed_s": elapsed_s,
+    })
+}
+
+async fn rejoin_run(
+    binary: &Path,
+    path: RejoinPath,
+    number: usize,
+    args: &BenchFailoverArgs,
+) -> anyhow::Result<RejoinRun> {
+    let started = Instant::now();
+    let options = Options {
+        postgres: true,
+        ..Options::default()
+    };
+    let mut cluster = LocalCluster::start(binary, &options)
+        .await
+        .context("starting a three-node cluster")?;
+    let folder = cluster.dir().to_path_buf();
+    let result = rejoin_run_on(&mut cluster, path, number, args).await;
+    if let Some(dir) = &args.keep_logs {
+        for id in cluster.ids() {
+            let to = dir.join(format!(
+                "rewind-vs-reclone-{}-run{number}-node{id}.log",
+                path.name()
+            ));
+            if let Err(e) = std::fs::copy(&cluster.node(id).log, &to) {
+                eprintln!("  could not copy node {id}'s log to {}: {e}", to.display());
+            }
+        }
+    }
+    // Agents killed by pid, PostgreSQL stopped, the folder (moved-aside data included) removed.
+    drop(cluster);
+    let folder_removed = !folder.exists();
+    if !folder_removed {
+        eprintln!("  WARNING: {} still exists", folder.display());
+    }
+    let mut run = result?;
+    run.folder_removed = folder_removed;
+    run.total_ms = millis(started.elapsed());
+    Ok(run)
+}
+
+async fn rejoin_run_on(
+    cluster: &mut LocalCluster,
+    path: RejoinPath,
+    number: usize,
+    args: &BenchFailoverArgs,
+) -> anyhow::Result<RejoinRun> {
+    cluster
+        .setup_replication(&[1, 2, 3])
+        .await
+        .context("setting up replication")?;
+    let view = cluster.view(1).await.context("reading node 1's view")?;
+    let old = view.state.primary.context("no primary after setup")?;
+    let old_generation = view.state.generation;
+    let others: Vec<NodeId> = cluster.ids().into_iter().filter(|id| *id != old).collect();
+
+    // ~240 bytes a row on the heap (tuple header, bigint, 200-byte text).
+    let rows = (args.data_mb * 1024 * 1024 / 240).max(1);
+    eprintln!(
+        "  loading {rows} rows (~{} MiB) on node {old}",
+        args.data_mb
+    );
+    let primary = PgConn::open(cluster, old).await?;
+    let lsn0 = primary.text("SELECT pg_current_wal_lsn()::text").await?;
+    let load = Instant::now();
+    primary
+        .execute(&format!(
+            "CREATE TABLE big (id bigint NOT NULL, filler text NOT NULL) \
+             WITH (autovacuum_enabled = off); \
+             INSERT INTO big SELECT g, repeat('x', 200) FROM generate_series(1, {rows}) g"
+        ))
+        .await
+        .context("loading the table")?;
+    let load_ms = millis(load.elapsed());
+    let checkpoint = Instant::now();
+    primary.execute("CHECKPOINT").await?;
+    let checkpoint_ms = millis(checkpoint.elapsed());
+    let caught_up = Instant::now();
+    let target = primary.text("SELECT pg_current_wal_lsn()::text").await?;
+    let load_wal_bytes = primary
+        .int(&format!(
+            "SELECT pg_wal_lsn_diff('{target}', '{lsn0}')::bigint"
+        ))
+        .await?;
+    let database_bytes = primary.int("SELECT pg_database_size('postgres')").await?;
+    let table_bytes = primary.int("SELECT pg_total_relation_size('big')").await?;
+    drop(primary);
+    eprintln!(
+        "  loaded in {:.1} s (database {} MiB, WAL {} MiB), checkpoint {:.1} s",
+        load_ms / 1000.0,
+        database_bytes >> 20,
+        load_wal_bytes >> 20,
+        checkpoint_ms / 1000.0
+    );
+    for id in &others {
+        let standby = PgConn::open(cluster, *id).await?;
+        let query = format!("SELECT (pg_last_wal_replay_lsn() >= '{target}')::int::bigint");
+        wait::until(
+            &format!("node {id} to replay up to {target}"),
+            RECLONE_TIMEOUT,
+            || async {
+                match standby.int(&query).await {
+                    Ok(1) => Ok(()),
+                    Ok(_) => Err("behind".to_string()),
+                    Err(e) => Err(format!("{e:#}")),
+                }
+            },
+        )
+        .await?;
+    }
+    let standbys_replayed_ms = millis(caught_up.elapsed());
+
+    // The node crash.
+    let crash_utc = utc(SystemTime::now());
+    let crash = Instant::now();
+    cluster.kill(old)?;
+    let pid = cluster.kill_postmaster(old)?;
+    let reaped = tokio::spawn(watch_reaped(pid, crash));
+    let promotion = wait_promoted(cluster, &others, old, old_generation).await?;
+    let new = promotion.primary;
+    let other = *others
+        .iter()
+        .find(|id| **id != new)
+        .context("no other standby")?;
+    eprintln!(
+        "  crash at {crash_utc}; node {new} promoted, seen {:.0} ms after",
+        millis(promotion.at - crash)
+    );
+
+    // The divergence.
+    let divergence_rows = (args.divergence_mb * 1024 * 1024 / 240).max(1) as i64;
+    let primary = PgConn::open(cluster, new).await?;
+    let before = primary.text("SELECT pg_current_wal_lsn()::text").await?;
+    primary
+        .execute(&format!(
+            "CREATE TABLE diverged (id bigint NOT NULL, filler text NOT NULL) \
+             WITH (autovacuum_enabled = off); \
+             INSERT INTO diverged SELECT g, repeat('y', 200) FROM generate_series(1, {divergence_rows}) g; \
+             UPDATE diverged SET filler = repeat('z', 200) WHERE id % 10 = 0"
+        ))
+        .await
+        .context("writing on the new primary")?;
+    let divergence_wal_bytes = primary
+        .int(&format!(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '{before}')::bigint"
+        ))
+        .await?;
+    let divergence_table_bytes = primary
+        .int("SELECT pg_total_relation_size('diverged')")
+        .await?;
+    let source_wal_files = primary.int("SELECT count(*) FROM pg_ls_waldir()").await?;
+    let source_wal_bytes = primary
+        .int("SELECT coalesce(sum(size), 0)::bigint FROM pg_ls_waldir()")
+        .await?;
+    drop(primary);
+
+    // The killed postmaster's pid must be gone, or pg_rewind's single-user run refuses to start.
+    let postmaster_reaped_ms = match timeout(RECOVERY_TIMEOUT, reaped).await {
+        Ok(Ok(r)) => r.gone_ms,
+        _ => None,
+    };
+    let mut wal_files_deleted = 0;
+    if path == RejoinPath::Reclone {
+        let wal = cluster.node(old).pg_data.join("pg_wal");
+        for entry in
+            std::fs::read_dir(&wal).with_context(|| format!("reading {}", wal.display()))?
+        {
+            let file = entry?.path();
+            if file.is_file() {
+                std::fs::remove_file(&file)
+                    .with_context(|| format!("deleting {}", file.display()))?;
+                wal_files_deleted += 1;
+            }
+        }
+    }
+    let restart_utc = utc(SystemTime::now());
+    let restart = Instant::now();
+    cluster.start_node(old)?;
+    let rejoin = measure_rejoin(cluster, new, old, other, restart, RECLONE_TIMEOUT).await?;
+    eprintln!(
+        "  node {old} ({}) streaming again after {:.0} ms",
+        path.name(),
+        rejoin.ms
+    );
+    let rejoined = wait::until("the RejoinCompleted event", RECOVERY_TIMEOUT, || async {
+        let view = cluster.view(new).await.map_err(|e| e.to_string())?;
+        rejoin_event(&view, old, promotion.generation).ok_or("not yet".to_string())
+    })
+    .await
+    .ok();
+    let standby = PgConn::open(cluster, old).await?;
+    wait::until(
+        "the rejoined node to have every row",
+        RECOVERY_TIMEOUT,
+        || async {
+            match standby.int("SELECT count(*) FROM diverged").await {
+                Ok(n) if n == divergence_rows => Ok(()),
+                Ok(n) => Err(format!("{n} rows")),
+                Err(e) => Err(format!("{e:#}")),
+            }
+        },
+    )
+    .await?;
+    let rows_present_ms = millis(restart.elapsed());
+    drop(standby);
+    let moved_aside = std::fs::read_dir(
+        cluster
+            .node(old)
+            .pg_data
+            .parent()
+            .context("data folder's parent")?,
+    )?
+    .filter_map(|e| e.ok())
+    .map(|e| e.file_name().to_string_lossy().to_string())
+    .filter(|name| name.starts_with("pgdata.rewind-failed-"))
+    .collect();
+    Ok(RejoinRun {
+        path,
+        run: number,
+        database_bytes,
+        table_bytes,
+        load_ms,
+        load_wal_bytes,
+        checkpoint_ms,
+        standbys_replayed_ms,
+        crash_utc,
+        new_primary: new,
+        promotion_seen_ms: millis(promotion.at - crash),
+        divergence_rows,
+        divergence_table_bytes,
+        divergence_wal_bytes,
+        source_wal_files,
+        source_wal_bytes,
+        postmaster_reaped_ms,
+        wal_files_deleted,
+        restart_utc,
+        rejoin_ms: rejoin.ms,
+        rejoin_pg_ms: rejoin.pg_ms,
+        method: rejoined.as_ref().map(|r| r.0.clone()),
+        agent_duration_ms: rejoined.map(|r| r.1),
+        rows_present_ms,
+        moved_aside,
+        folder_removed: false,
+        total_ms: 0.0,
+    })
+}
+
+/// One connection to a node's PostgreSQL over its Unix socket.
+struct PgConn {
+    client: Client,
+    task: JoinHandle<()>,
+}
+
+impl PgConn {
+    async fn open(cluster: &LocalCluster, id: NodeId) -> anyhow::Result<PgConn> {
+        let (client, connection) = tokio_postgres::connect(&cluster.pg_conninfo(id), NoTls)
+            .await
+            .with_context(|| format!("connecting to node {id}'s PostgreSQL"))?;
+        let task = tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(PgConn { client, task })
+    }
+
+    async fn execute(&self, query: &str) -> anyhow::Result<()> {
+        self.client.batch_execute(query).await?;
+        Ok(())
+    }
+
+    async fn row(&self, query: &str) -> anyhow::Result<tokio_postgres::Row> {
+        Ok(self.client.query_one(query, &[]).await?)
+    }
+
+    async fn text(&self, query: &str) -> anyhow::Result<String> {
+        Ok(self.row(query).await?.get(0))
+    }
+
+    async fn int(&self, query: &str) -> anyhow::Result<i64> {
+        Ok(self.row(query).await?.get(0))
+    }
+}
+
+impl Drop for PgConn {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn print_rejoin_run(run: &RejoinRun) {
+    let mib = |b: i64| b as f64 / 1_048_576.0;
+    println!(
+        "\nrewind-vs-reclone {} run {}: crash at {}, node{} promoted (+{:.0} ms)",
+        run.path.name(),
+        run.run,
+        run.crash_utc,
+        run.new_primary,
+        run.promotion_seen_ms
+    );
+    println!(
+        "  database {:.0} MiB (table {:.0} MiB); load {:.1} s, {:.0} MiB of WAL; checkpoint {:.1} s; standbys replayed {:.1} s later",
+        mib(run.database_bytes),
+        mib(run.table_bytes),
+        run.load_ms / 1000.0,
+        mib(run.load_wal_bytes),
+        run.checkpoint_ms / 1000.0,
+        run.standbys_replayed_ms / 1000.0
+    );
+    println!(
+        "  divergence: {} rows, table {:.1} MiB, {:.1} MiB of WAL; killed postmaster reaped {}; {} pg_wal files deleted",
+        run.divergence_rows,
+        mib(run.divergence_table_bytes),
+        mib(run.divergence_wal_bytes),
+        run.postmaster_reaped_ms
+            .map_or("-".to_string(), |ms| format!("+{ms:.0} ms")),
+        run.wal_files_deleted
+    );
+    println!(
+        "  new primary's pg_wal before the restart: {} files, {:.0} MiB",
+        run.source_wal_files,
+        mib(run.source_wal_bytes)
+    );
+    println!(
+        "  restart at {}: rejoin {:.0} ms (pg_stat_replication {}; rows present {:.0} ms); RejoinCompleted {} {}",
+        run.restart_utc,
+        run.rejoin_ms,
+        run.rejoin_pg_ms
+            .map_or("-".to_string(), |ms| format!("{ms:.0} ms")),
+        run.rows_present_ms,
+        run.method.as_deref().unwrap_or("?"),
+        run.agent_duration_ms
+            .map_or("-".to_string(), |ms| format!("{ms} ms")),
+    );
+    println!(
+        "  moved aside {:?}; folder removed {}; run took {:.1} s",
+        run.moved_aside,
+        run.folder_removed,
+        run.total_ms / 1000.0
+    );
+}
+
+fn print_rejoin_summary(summaries: &[&RejoinSummary], ratios: &serde_json::Value, elapsed_s: f64) {
+    println!("\nsummary rewind-vs-reclone (took {elapsed_s:.0} s in all)");
+    println!(
+        "  {:<8} {:>5} {:>7} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12}",
+        "path",
+        "runs",
+        "failed",
+        "wall median",
+        "wall max",
+        "agent med",
+        "agent max",
+        "pg median",
+        "div WAL MiB"
+    );
+    for s in summaries {
+        println!(
+            "  {:<8} {:>5} {:>7} {:>12.0} {:>12.0} {:>12.0} {:>12.0} {:>12.0} {:>12.1}",
+            s.path.name(),
+            s.runs,
+            s.failed_runs,
+            s.rejoin_ms.median,
+            s.rejoin_ms.max,
+            s.agent_duration_ms.median,
+            s.agent_duration_ms.max,
+            s.rejoin_pg_ms.median,
+            s.divergence_wal_bytes.median / 1_048_576.0
+        );
+    }
+    println!(
+        "  re-clone / rewind, medians: wall {:.1}x, agent-reported {:.1}x (target >= 10x)",
+        ratios["reclone_over_rewind_wall_median"]
+            .as_f64()
+            .unwrap_or(f64::NAN),
+        ratios["reclone_over_rewind_agent_median"]
+            .as_f64()
+            .unwrap_or(f64::NAN)
+    );
 }
 
 #[cfg(test)]

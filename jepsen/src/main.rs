@@ -17,8 +17,9 @@ struct Cli {
 enum Command {
     /// Commit throughput, commit latency and agent memory of a three-node cluster on loopback.
     BenchRaft(bench::BenchRaftArgs),
-    /// Write unavailability, lost writes and rejoin time of automatic failover, as a client
-    /// writing every 20 ms sees them (real PostgreSQL).
+    /// Write unavailability, lost writes and rejoin time of automatic failover and switchover,
+    /// as a client writing every 20 ms sees them, and pg_rewind versus re-clone (real
+    /// PostgreSQL).
     BenchFailover(failover_bench::BenchFailoverArgs),
 }
 
