@@ -26,6 +26,11 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 const CANDIDATE_PROBE_TIMEOUT: Duration = Duration::from_millis(700);
 /// How long a candidate may take to replay what it received before it promotes anyway.
 const REPLAY_WAIT: Duration = Duration::from_secs(10);
+/// Replay that has not moved for this long has replayed every complete record it received.
+const REPLAY_SETTLE: Duration = Duration::from_millis(200);
+/// How long a rejoined node's start is retried: a killed postmaster's backends can hold its
+/// shared memory for a moment, and PostgreSQL refuses to start until they are gone.
+const REJOIN_START_WAIT: Duration = Duration::from_secs(15);
 
 /// This agent's lease, shared by the renewer, the watchdog and the executor, and mirrored to the
 /// lease guard's file (`guard`).
@@ -681,16 +686,28 @@ impl Executor {
     /// Replays what was received (bounded), then promotes.
     async fn promote(&self) -> anyhow::Result<()> {
         let client = probe::connect(&self.pg.local_conninfo(), PROBE_TIMEOUT).await?;
+        // Replay everything received. The received position can lie past the last complete
+        // record (the dead primary's torn last record), which replay never reaches: so stop
+        // waiting once replay has stopped moving, not only once it reaches that position.
         let deadline = Instant::now() + REPLAY_WAIT;
+        let mut replayed: Option<String> = None;
+        let mut still_since = Instant::now();
         loop {
             let row = client
                 .query_one(
                     "SELECT pg_last_wal_receive_lsn() IS NULL \
-                     OR pg_last_wal_replay_lsn() >= pg_last_wal_receive_lsn()",
+                     OR pg_last_wal_replay_lsn() >= pg_last_wal_receive_lsn(), \
+                     pg_last_wal_replay_lsn()::text",
                     &[],
                 )
                 .await?;
-            if row.get::<_, bool>(0) || Instant::now() >= deadline {
+            let now: Option<String> = row.get(1);
+            if now != replayed {
+                replayed = now;
+                still_since = Instant::now();
+            }
+            let settled = still_since.elapsed() >= REPLAY_SETTLE;
+            if row.get::<_, bool>(0) || settled || Instant::now() >= deadline {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -773,7 +790,17 @@ impl Executor {
                 }),
             )?;
             pg.write_standby_signal()?;
-            pg.start()
+            let deadline = std::time::Instant::now() + REJOIN_START_WAIT;
+            loop {
+                match pg.start() {
+                    Ok(()) => return Ok(()),
+                    Err(e) if std::time::Instant::now() < deadline => {
+                        tracing::info!("start after rejoin failed, retrying: {e:#}");
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
         })
         .await?;
         let done = Event::RejoinCompleted {

@@ -129,6 +129,21 @@ async fn a_killed_primary_postmaster_fails_over_and_the_old_primary_rejoins() {
         .wait_streaming(new_primary, &others, TIMEOUT)
         .await
         .unwrap();
+    wait::until("node 1's rejoin to be reported", TIMEOUT, || async {
+        let view = cluster.view(new_primary).await.map_err(|e| e.to_string())?;
+        let reported = view
+            .state
+            .recent
+            .iter()
+            .any(|e| matches!(e.event, Event::RejoinCompleted { node_id: 1, .. }));
+        if reported && view.state.nodes[&1].rejoining.is_none() {
+            Ok(())
+        } else {
+            Err(format!("{:?}", kinds(&view)))
+        }
+    })
+    .await
+    .unwrap();
     for id in others {
         wait::until(
             &format!("node {id} to replay the new rows"),

@@ -208,6 +208,9 @@ impl Pg {
         upstream: Option<Upstream<'_>>,
     ) -> anyhow::Result<()> {
         let section = &self.settings.section;
+        // Little WAL kept around: standbys hold replication slots, and pg_rewind copies the
+        // source's whole pg_wal (recycled segments included), so every kept segment slows a
+        // rejoin.
         let mut conf = format!(
             "# Written by raftmgr; edits are overwritten. Put your own settings in postgresql.conf.\n\
              listen_addresses = '{}'\n\
@@ -217,7 +220,8 @@ impl Pg {
              wal_log_hints = on\n\
              max_wal_senders = 16\n\
              max_replication_slots = 16\n\
-             wal_keep_size = '256MB'\n\
+             wal_keep_size = '64MB'\n\
+             wal_recycle = off\n\
              hot_standby = on\n\
              hot_standby_feedback = on\n\
              logging_collector = on\n\
