@@ -49,6 +49,22 @@ async fn sql(
     Ok(client.query(query, &[]).await?)
 }
 
+/// Waits until node `id`'s table `acked` holds `expected` rows.
+async fn wait_rows(cluster: &LocalCluster, id: NodeId, expected: i64) {
+    wait::until(
+        &format!("node {id} to hold {expected} rows"),
+        TIMEOUT,
+        || async {
+            match rows(cluster, id).await? {
+                n if n == expected => Ok(()),
+                n => Err(format!("{n} rows")),
+            }
+        },
+    )
+    .await
+    .unwrap();
+}
+
 async fn rows(cluster: &LocalCluster, id: NodeId) -> Result<i64, String> {
     let rows = sql(cluster, id, "SELECT count(*) FROM acked")
         .await
@@ -145,18 +161,7 @@ async fn a_killed_primary_postmaster_fails_over_and_the_old_primary_rejoins() {
     .await
     .unwrap();
     for id in others {
-        wait::until(
-            &format!("node {id} to replay the new rows"),
-            TIMEOUT,
-            || async {
-                match rows(&cluster, id).await? {
-                    150 => Ok(()),
-                    n => Err(format!("{n} rows")),
-                }
-            },
-        )
-        .await
-        .unwrap();
+        wait_rows(&cluster, id, 150).await;
     }
     let timeline: i32 = sql(&cluster, 1, "SELECT received_tli FROM pg_stat_wal_receiver")
         .await
@@ -224,14 +229,7 @@ async fn a_crashed_primary_node_fails_over_by_lease_and_is_rewound_on_return() {
         .unwrap()[0]
         .get(0);
     assert!(in_recovery, "the old primary came back as a standby");
-    wait::until("node 1 to hold the new primary's rows", TIMEOUT, || async {
-        match rows(&cluster, 1).await? {
-            120 => Ok(()),
-            n => Err(format!("{n} rows")),
-        }
-    })
-    .await
-    .unwrap();
+    wait_rows(&cluster, 1, 120).await;
 }
 
 /// Inserts into node `id` until stopped; returns the acknowledgement times of the rows written.
@@ -432,14 +430,7 @@ async fn switchover_to_a_named_node_and_back_swaps_roles_without_rewind() {
         "a switchover needs no rewind: {:?}",
         kinds(&view)
     );
-    wait::until("node 1 to have every row", TIMEOUT, || async {
-        match rows(&cluster, 1).await? {
-            110 => Ok(()),
-            n => Err(format!("{n} rows")),
-        }
-    })
-    .await
-    .unwrap();
+    wait_rows(&cluster, 1, 110).await;
 
     // By hand, repmgr's `node rejoin`: refused on the primary; on a standby, its agent rewinds
     // it from the primary and starts it again.
@@ -624,12 +615,5 @@ async fn when_pg_rewind_cannot_work_the_old_primary_is_cloned_again() {
             .starts_with("pgdata.rewind-failed-")
     });
     assert!(kept, "the old data directory is kept aside, not deleted");
-    wait::until("node 1 to hold the new primary's rows", TIMEOUT, || async {
-        match rows(&cluster, 1).await? {
-            130 => Ok(()),
-            n => Err(format!("{n} rows")),
-        }
-    })
-    .await
-    .unwrap();
+    wait_rows(&cluster, 1, 130).await;
 }
