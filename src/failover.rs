@@ -123,6 +123,15 @@ impl Lease {
 
     /// Called by whoever first sees the committed state name this node primary of `generation`:
     /// the grace for the first renewal starts then.
+    ///
+    /// The grace is the one place a writable PostgreSQL runs without a proven lease: a new agent
+    /// beside a running primary (an agent restart) or a just-registered primary. It is safe as
+    /// long as no promotion commits meanwhile. The leader promotes only after the lease timeout
+    /// without an applied renewal; if that happened while the agent was away, the first renewal
+    /// comes back a no-op and the watchdog fences at once (`LeaseState::Lost`). The residual risk
+    /// is a promotion that commits while the first renewal is in flight: then writes acknowledged
+    /// in that window (a renewal's commit time) may be lost in asynchronous mode; synchronous
+    /// mode still loses none, since the standbys stop acknowledging the old primary.
     pub fn note_primary(&self, generation: u64) {
         let mut primary_of = self.primary_of.lock().unwrap();
         if *primary_of != Some(generation) {
