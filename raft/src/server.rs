@@ -35,68 +35,41 @@ pub fn router(raft: Raft, secret: impl Into<Arc<str>>) -> Router {
         secret: secret.into(),
     };
     Router::new()
-        .route(
-            PATH_APPEND_ENTRIES,
-            post(
-                |State(s): State<RpcState>, headers: HeaderMap, body: Bytes| async move {
-                    let raft = s.raft.clone();
-                    serve(
-                        &s,
-                        &headers,
-                        &body,
-                        "append-entries request",
-                        |rpc| async move { raft.append_entries(rpc).await },
-                    )
-                    .await
-                },
-            ),
-        )
-        .route(
-            PATH_VOTE,
-            post(
-                |State(s): State<RpcState>, headers: HeaderMap, body: Bytes| async move {
-                    let raft = s.raft.clone();
-                    serve(&s, &headers, &body, "vote request", |rpc| async move {
-                        raft.vote(rpc).await
-                    })
-                    .await
-                },
-            ),
-        )
-        .route(
-            PATH_INSTALL_SNAPSHOT,
-            post(
-                |State(s): State<RpcState>, headers: HeaderMap, body: Bytes| async move {
-                    let raft = s.raft.clone();
-                    serve(
-                        &s,
-                        &headers,
-                        &body,
-                        "install-snapshot request",
-                        |rpc| async move { raft.install_snapshot(rpc).await },
-                    )
-                    .await
-                },
-            ),
-        )
-        .route(
-            PATH_FORWARD,
-            post(
-                |State(s): State<RpcState>, headers: HeaderMap, body: Bytes| async move {
-                    let raft = s.raft.clone();
-                    serve(
-                        &s,
-                        &headers,
-                        &body,
-                        "forwarded request",
-                        |request: Request| async move { execute_locally(&raft, request).await },
-                    )
-                    .await
-                },
-            ),
-        )
+        .route(PATH_APPEND_ENTRIES, post(append_entries))
+        .route(PATH_VOTE, post(vote))
+        .route(PATH_INSTALL_SNAPSHOT, post(install_snapshot))
+        .route(PATH_FORWARD, post(forward))
         .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))
         .with_state(state)
+}
+
+async fn append_entries(State(s): State<RpcState>, headers: HeaderMap, body: Bytes) -> Response {
+    serve(&s, &headers, &body, "append-entries request", |rpc| {
+        s.raft.append_entries(rpc)
+    })
+    .await
+}
+
+async fn vote(State(s): State<RpcState>, headers: HeaderMap, body: Bytes) -> Response {
+    serve(&s, &headers, &body, "vote request", |rpc| s.raft.vote(rpc)).await
+}
+
+async fn install_snapshot(State(s): State<RpcState>, headers: HeaderMap, body: Bytes) -> Response {
+    serve(&s, &headers, &body, "install-snapshot request", |rpc| {
+        s.raft.install_snapshot(rpc)
+    })
+    .await
+}
+
+async fn forward(State(s): State<RpcState>, headers: HeaderMap, body: Bytes) -> Response {
+    serve(
+        &s,
+        &headers,
+        &body,
+        "forwarded request",
+        |request: Request| execute_locally(&s.raft, request),
+    )
+    .await
 }
 
 async fn serve<Req, Resp, Fut>(
