@@ -74,6 +74,23 @@ impl Client {
             .await
     }
 
+    /// A load-balancer check: its answer, and whether it said 200 (503 is an answer, not an
+    /// error).
+    pub async fn get_check(&self, path: &str) -> anyhow::Result<(raftmgr_api::CheckAnswer, bool)> {
+        let response = self
+            .http
+            .get(self.url(path))
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the agent at {}", self.base))?;
+        let ok = response.status().is_success();
+        let answer = response
+            .json()
+            .await
+            .context("reading the agent's answer")?;
+        Ok((answer, ok))
+    }
+
     pub async fn cluster(&self) -> anyhow::Result<ClusterView> {
         self.get("/cluster").await
     }

@@ -386,3 +386,53 @@ pub async fn node_rejoin(node: &NodeConfig) -> anyhow::Result<()> {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+/// `raftmgr node status`: fails (exit code 1) when this node's PostgreSQL does not run.
+pub async fn node_status(node: &NodeConfig, json: bool) -> anyhow::Result<()> {
+    let client = Client::for_node(node);
+    let (health, running): (raftmgr_api::CheckAnswer, bool) = client.get_check("/health").await?;
+    let view = client.cluster().await?;
+    let raft_role = view
+        .nodes
+        .iter()
+        .find(|n| n.summary.id == node.file.node_id)
+        .map_or("none".to_string(), |n| n.raft_role.clone());
+    if json {
+        let status = serde_json::json!({
+            "name": node.file.name,
+            "role": health.role,
+            "running": health.running,
+            "timeline": health.timeline,
+            "lease_held": health.lease_held,
+            "lag_bytes": health.lag_bytes,
+            "generation": health.generation,
+            "raft_role": raft_role,
+            "raft_leader": view.raft.leader,
+            "paused": view.state.paused,
+        });
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        let lag = health
+            .lag_bytes
+            .map_or(String::new(), |b| format!(", lag {b} B"));
+        let lease = if health.lease_held {
+            ", holds the lease"
+        } else {
+            ""
+        };
+        let timeline = health.timeline.map_or("-".to_string(), |t| t.to_string());
+        println!(
+            "{}: {} (PostgreSQL {}, timeline {timeline}{lag}{lease}); Raft {raft_role}, leader {}; generation {}{}",
+            node.file.name,
+            health.role,
+            if health.running { "running" } else { "not running" },
+            view.raft.leader.map_or("none".to_string(), |l| format!("node {l}")),
+            health.generation,
+            if view.state.paused { "; PAUSED" } else { "" },
+        );
+    }
+    if !running {
+        bail!("{}'s PostgreSQL is not running", node.file.name);
+    }
+    Ok(())
+}

@@ -126,6 +126,14 @@ enum StandbyCommand {
 
 #[derive(Debug, Subcommand)]
 enum NodeCommand {
+    /// This node's role, PostgreSQL state, lease and lag, and its Raft role. Exit code 0 while
+    /// its PostgreSQL runs, 1 otherwise.
+    Status {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        json: bool,
+    },
     /// Rewind this node's PostgreSQL from the current primary and start it as a standby (its
     /// agent does it, and reports RejoinPlanned/RejoinCompleted).
     Rejoin(ConfigArg),
@@ -367,6 +375,9 @@ async fn run_command(command: Command) -> anyhow::Result<()> {
             commands::switchover(&client, Some(node.file.name.clone()), true).await?
         }
         Command::Node(NodeCommand::Rejoin(c)) => commands::node_rejoin(&load(&c)?).await?,
+        Command::Node(NodeCommand::Status { config, json }) => {
+            commands::node_status(&load(&config)?, json).await?
+        }
         Command::Node(NodeCommand::Unregister { config, node }) => {
             commands::node_unregister(&load(&config)?, node.as_deref()).await?
         }

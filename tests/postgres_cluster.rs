@@ -102,6 +102,21 @@ async fn init_clone_and_register_give_streaming_standbys_and_refusals_change_not
             assert!(lag < 16 * 1024 * 1024, "lag {lag} B");
         }
     }
+    let status = cluster.raftmgr_ok(2, &["node", "status"]).unwrap();
+    assert!(
+        status.contains("node2: replica (PostgreSQL running"),
+        "{status}"
+    );
+    let status: serde_json::Value = serde_json::from_str(
+        &cluster
+            .raftmgr_ok(1, &["node", "status", "--json"])
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (status["role"].as_str(), status["lease_held"].as_bool()),
+        (Some("primary"), Some(true))
+    );
     let table = cluster.raftmgr_ok(3, &["cluster", "show"]).unwrap();
     assert!(
         table.contains("streaming") && table.contains("node1"),
@@ -288,6 +303,15 @@ async fn agents_restart_without_touching_postgres_and_a_hand_stopped_standby_sho
         cluster.postmaster_pid(3),
         None,
         "the agent must not restart a hand-stopped PostgreSQL"
+    );
+    let out = cluster.raftmgr(3, &["node", "status"]).unwrap();
+    assert!(
+        !out.status.success(),
+        "node status fails while PostgreSQL is down"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("not running"),
+        "{out:?}"
     );
 
     let log = cluster.node(3).pg_data.join("log/by-hand.log");
