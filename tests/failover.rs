@@ -49,6 +49,15 @@ async fn sql(
     Ok(client.query(query, &[]).await?)
 }
 
+/// Waits until every other node streams from `primary`; returns that view.
+async fn wait_all_follow(cluster: &LocalCluster, primary: NodeId) -> ClusterView {
+    let others: Vec<NodeId> = [1, 2, 3].into_iter().filter(|id| *id != primary).collect();
+    cluster
+        .wait_streaming(primary, &others, TIMEOUT)
+        .await
+        .unwrap()
+}
+
 /// Waits until node `id`'s table `acked` holds `expected` rows.
 async fn wait_rows(cluster: &LocalCluster, id: NodeId, expected: i64) {
     wait::until(
@@ -137,14 +146,7 @@ async fn a_killed_primary_postmaster_fails_over_and_the_old_primary_rejoins() {
     .unwrap();
 
     // The old primary comes back as a standby of the new one, and so does the other standby.
-    let others: Vec<NodeId> = [1, 2, 3]
-        .into_iter()
-        .filter(|id| *id != new_primary)
-        .collect();
-    cluster
-        .wait_streaming(new_primary, &others, TIMEOUT)
-        .await
-        .unwrap();
+    wait_all_follow(&cluster, new_primary).await;
     wait::until("node 1's rejoin to be reported", TIMEOUT, || async {
         let view = cluster.view(new_primary).await.map_err(|e| e.to_string())?;
         let reported = view
@@ -160,7 +162,7 @@ async fn a_killed_primary_postmaster_fails_over_and_the_old_primary_rejoins() {
     })
     .await
     .unwrap();
-    for id in others {
+    for id in [1, 2, 3].into_iter().filter(|id| *id != new_primary) {
         wait_rows(&cluster, id, 150).await;
     }
     let timeline: i32 = sql(&cluster, 1, "SELECT received_tli FROM pg_stat_wal_receiver")
@@ -202,14 +204,7 @@ async fn a_crashed_primary_node_fails_over_by_lease_and_is_rewound_on_return() {
     // The node returns: its agent must not start the old primary writable; it rewinds it.
     let returned = Instant::now();
     cluster.start_node(1).unwrap();
-    let others: Vec<NodeId> = [1, 2, 3]
-        .into_iter()
-        .filter(|id| *id != new_primary)
-        .collect();
-    let view = cluster
-        .wait_streaming(new_primary, &others, TIMEOUT)
-        .await
-        .unwrap();
+    let view = wait_all_follow(&cluster, new_primary).await;
     eprintln!("node 1 streaming {:?} after its return", returned.elapsed());
     let rejoined = view.state.recent.iter().find_map(|e| match &e.event {
         Event::RejoinCompleted {
@@ -327,14 +322,7 @@ async fn a_paused_primary_agent_is_fenced_before_the_new_primary_takes_writes() 
 
     // Resumed, the agent sees it is no longer the primary and rejoins.
     nix::sys::signal::kill(agent, nix::sys::signal::Signal::SIGCONT).unwrap();
-    let others: Vec<NodeId> = [1, 2, 3]
-        .into_iter()
-        .filter(|id| *id != new_primary)
-        .collect();
-    cluster
-        .wait_streaming(new_primary, &others, TIMEOUT)
-        .await
-        .unwrap();
+    wait_all_follow(&cluster, new_primary).await;
     let in_recovery: bool = sql(&cluster, 1, "SELECT pg_is_in_recovery()")
         .await
         .unwrap()[0]
@@ -361,14 +349,7 @@ async fn a_killed_primary_agent_is_fenced_by_its_guard_and_rejoins_when_restarte
     );
 
     cluster.start_node(1).unwrap();
-    let others: Vec<NodeId> = [1, 2, 3]
-        .into_iter()
-        .filter(|id| *id != new_primary)
-        .collect();
-    cluster
-        .wait_streaming(new_primary, &others, TIMEOUT)
-        .await
-        .unwrap();
+    wait_all_follow(&cluster, new_primary).await;
 }
 
 #[tokio::test]
@@ -531,14 +512,7 @@ async fn a_primary_cut_off_by_a_partition_is_fenced_before_the_majority_promotes
 
     // Healed, the old primary is rewound and follows the new one.
     lab.heal().unwrap();
-    let others: Vec<NodeId> = [1, 2, 3]
-        .into_iter()
-        .filter(|id| *id != new_primary)
-        .collect();
-    let view = cluster
-        .wait_streaming(new_primary, &others, TIMEOUT)
-        .await
-        .unwrap();
+    let view = wait_all_follow(&cluster, new_primary).await;
     let rejoined = view
         .state
         .recent
@@ -575,14 +549,7 @@ async fn when_pg_rewind_cannot_work_the_old_primary_is_cloned_again() {
         }
     }
     cluster.start_node(1).unwrap();
-    let others: Vec<NodeId> = [1, 2, 3]
-        .into_iter()
-        .filter(|id| *id != new_primary)
-        .collect();
-    let view = cluster
-        .wait_streaming(new_primary, &others, TIMEOUT)
-        .await
-        .unwrap();
+    let view = wait_all_follow(&cluster, new_primary).await;
     let recloned = view.state.recent.iter().any(|e| {
         matches!(
             e.event,
