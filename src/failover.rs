@@ -142,9 +142,15 @@ impl Lease {
         }
     }
 
-    /// Whether the watchdog fenced PostgreSQL since the last call.
+    /// Whether the watchdog or the lease guard fenced PostgreSQL since the last call: a stop
+    /// that is not a crash (a fenced primary with its lease back starts again, it does not
+    /// resign).
     pub fn take_fenced(&self) -> bool {
-        std::mem::take(&mut *self.fenced.lock().unwrap())
+        let by_guard = self
+            .guard_file
+            .as_deref()
+            .is_some_and(guard::take_fenced_marker);
+        std::mem::take(&mut *self.fenced.lock().unwrap()) | by_guard
     }
 
     /// Whether a writable PostgreSQL must be fenced now. A node that just became primary in
@@ -224,12 +230,18 @@ pub async fn watchdog(pg: Pg, lease: Arc<Lease>, mut stop: watch::Receiver<bool>
 }
 
 async fn fence(pg: &Pg, lease: &Lease) {
-    let pg = pg.clone();
-    match tokio::task::spawn_blocking(move || pg.stop("immediate")).await {
+    let stopping = pg.clone();
+    match tokio::task::spawn_blocking(move || stopping.stop("immediate")).await {
         Ok(Ok(())) => {
             lease.set_writable(false);
             *lease.fenced.lock().unwrap() = true;
             tracing::warn!("fenced: PostgreSQL stopped (immediate)");
+        }
+        // The lease guard got there first.
+        Ok(Err(_)) if !matches!(pg.run_state(), RunState::Running { .. }) => {
+            lease.set_writable(false);
+            *lease.fenced.lock().unwrap() = true;
+            tracing::warn!("fenced: PostgreSQL was already stopped");
         }
         Ok(Err(e)) => tracing::error!("fencing failed: {e:#}"),
         Err(e) => tracing::error!("fencing panicked: {e}"),

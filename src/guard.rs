@@ -37,6 +37,16 @@ pub enum GuardMode {
     Standby,
 }
 
+/// The file the guard leaves when it fenced PostgreSQL, beside the lease file.
+pub fn fenced_marker(lease_file: &Path) -> PathBuf {
+    lease_file.with_extension("fenced")
+}
+
+/// Whether the guard fenced PostgreSQL since the last call (removes its marker).
+pub fn take_fenced_marker(lease_file: &Path) -> bool {
+    std::fs::remove_file(fenced_marker(lease_file)).is_ok()
+}
+
 /// Writes the lease file atomically (a rename), for the guard to read.
 pub fn write_lease_file(path: &Path, mode: GuardMode) -> std::io::Result<()> {
     let text = match mode {
@@ -89,6 +99,10 @@ pub fn run(lease_file: &Path, data_dir: &Path) -> anyhow::Result<()> {
         if let (GuardMode::Primary { until_ns }, Some(pid)) = (mode, postmaster) {
             if monotonic_ns() + MARGIN_NS >= until_ns {
                 eprintln!("lease-guard: the lease ran out and the agent did not fence; stopping postmaster {pid}");
+                // Written first, so that the agent never takes the stop for a crash.
+                if let Err(e) = std::fs::write(fenced_marker(lease_file), pid.to_string()) {
+                    eprintln!("lease-guard: cannot write the fenced marker: {e}");
+                }
                 kill(Pid::from_raw(pid), Signal::SIGQUIT).context("signalling the postmaster")?;
             }
         }
@@ -144,6 +158,16 @@ pub fn paths(agent_data_dir: &Path) -> (PathBuf, PathBuf) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fenced_marker_is_taken_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let lease = dir.path().join("lease");
+        assert!(!take_fenced_marker(&lease));
+        std::fs::write(fenced_marker(&lease), "42").unwrap();
+        assert!(take_fenced_marker(&lease));
+        assert!(!take_fenced_marker(&lease));
+    }
 
     #[test]
     fn the_lease_file_round_trips() {
