@@ -69,6 +69,9 @@ pub struct FailoverSection {
     /// When pg_rewind fails, move the data directory aside and clone the node again from the
     /// primary (nothing is deleted); otherwise retry pg_rewind and wait for a human.
     pub reclone_on_rewind_failure: bool,
+    /// Test only: never fence on a lost lease (no watchdog, no lease guard). It exists so that
+    /// the chaos lab can show its split-brain checker catching what fencing prevents.
+    pub unsafe_no_fencing: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -91,6 +94,7 @@ impl Default for FailoverSection {
             rewind_after_ms: 5000,
             synchronous_mode: SynchronousMode::Off,
             reclone_on_rewind_failure: true,
+            unsafe_no_fencing: false,
         }
     }
 }

@@ -71,13 +71,20 @@ impl Supervisor {
             peer_interval,
             stop.clone(),
         ));
-        let (lease_file, guard_pid_file) = crate::guard::paths(&self.agent_data_dir);
-        if let Err(e) =
-            crate::guard::ensure_running(&lease_file, self.pg.data_dir(), &guard_pid_file)
-        {
-            tracing::error!("no lease guard: {e:#}; a paused or dead agent cannot be fenced");
-        }
-        let lease = Lease::new(Some(lease_file), &self.timing);
+        let fencing = !self.timing.unsafe_no_fencing;
+        let lease_file = if fencing {
+            let (lease_file, guard_pid_file) = crate::guard::paths(&self.agent_data_dir);
+            if let Err(e) =
+                crate::guard::ensure_running(&lease_file, self.pg.data_dir(), &guard_pid_file)
+            {
+                tracing::error!("no lease guard: {e:#}; a paused or dead agent cannot be fenced");
+            }
+            Some(lease_file)
+        } else {
+            tracing::error!("unsafe_no_fencing is set: this node never fences (test only)");
+            None
+        };
+        let lease = Lease::new(lease_file, &self.timing);
         tokio::spawn(failover::keep_lease(
             self.node_id,
             lease.clone(),
@@ -86,11 +93,13 @@ impl Supervisor {
             self.timing.clone(),
             stop.clone(),
         ));
-        tokio::spawn(failover::watchdog(
-            self.pg.clone(),
-            lease.clone(),
-            stop.clone(),
-        ));
+        if fencing {
+            tokio::spawn(failover::watchdog(
+                self.pg.clone(),
+                lease.clone(),
+                stop.clone(),
+            ));
+        }
         tokio::spawn(failover::decide_loop(
             self.raft.clone(),
             self.pg.clone(),

@@ -3,6 +3,7 @@
 //! folder is removed — also when a test panics.
 
 pub mod bench;
+pub mod chaos;
 pub mod cluster;
 pub mod failover_bench;
 pub mod netns;

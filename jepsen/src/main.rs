@@ -1,12 +1,12 @@
 //! `raftmgr-jepsen`: the lab's command line.
 
 use clap::{Parser, Subcommand};
-use raftmgr_jepsen::{bench, failover_bench};
+use raftmgr_jepsen::{bench, chaos, failover_bench};
 
 #[derive(Parser)]
 #[command(
     name = "raftmgr-jepsen",
-    about = "Real raftmgr clusters on this machine: benchmarks"
+    about = "Real raftmgr clusters on this machine: chaos tests and benchmarks"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -15,6 +15,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// A chaos run: clients recording every write, seeded faults (kill, pause, partition, ...),
+    /// and checkers for lost writes, split brain, convergence and log agreement; writes a report.
+    Test(chaos::ChaosArgs),
     /// Commit throughput, commit latency and agent memory of a three-node cluster on loopback.
     BenchRaft(bench::BenchRaftArgs),
     /// Write unavailability, lost writes and rejoin time of automatic failover and switchover,
@@ -26,6 +29,7 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::Test(args) => chaos::test(args).await,
         Command::BenchRaft(args) => bench::bench_raft(args).await,
         Command::BenchFailover(args) => failover_bench::bench_failover(args).await,
     }

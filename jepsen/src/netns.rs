@@ -109,6 +109,23 @@ impl LabNetwork {
 
     /// Drops every packet between node `id` and each of `others`, both ways.
     pub fn partition(&self, id: u64, others: &[u64]) -> anyhow::Result<()> {
+        self.drop_from_peers(id, others, "drop")
+    }
+
+    /// Drops `percent` % of the packets between node `id` and each of `others`, at random.
+    pub fn lossy(&self, id: u64, others: &[u64], percent: u8) -> anyhow::Result<()> {
+        anyhow::ensure!(percent <= 100, "a loss of {percent} % is not a percentage");
+        self.drop_from_peers(
+            id,
+            others,
+            &format!("numgen random mod 100 < {percent} drop"),
+        )
+    }
+
+    /// One table in node `id`'s namespace applying `verdict` to traffic with `others` (the lab's
+    /// own address on the bridge is never affected). Heal before installing another.
+    fn drop_from_peers(&self, id: u64, others: &[u64], verdict: &str) -> anyhow::Result<()> {
+        anyhow::ensure!(!others.is_empty(), "no peers to cut node {id} off from");
         let ns = self.namespace(id);
         let peers = others
             .iter()
@@ -117,8 +134,8 @@ impl LabNetwork {
             .join(", ");
         let script = format!(
             "table inet {TABLE} {{\n\
-             chain input {{ type filter hook input priority 0; policy accept; ip saddr {{ {peers} }} drop; }}\n\
-             chain output {{ type filter hook output priority 0; policy accept; ip daddr {{ {peers} }} drop; }}\n\
+             chain input {{ type filter hook input priority 0; policy accept; ip saddr {{ {peers} }} {verdict}; }}\n\
+             chain output {{ type filter hook output priority 0; policy accept; ip daddr {{ {peers} }} {verdict}; }}\n\
              }}\n"
         );
         let path = std::env::temp_dir().join(format!("{}-partition-{id}.nft", self.prefix));
