@@ -120,6 +120,8 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
         initial_members,
         rejoin_requested,
         local,
+        config: Arc::new(config.redacted_json()),
+        shutdown: stop_rx.clone(),
     };
 
     let raft_server = tokio::spawn(serve(

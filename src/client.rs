@@ -125,14 +125,84 @@ impl Client {
             .await
             .context("reading the agent's answer")?;
         if !status.is_success() {
-            let message = serde_json::from_str::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
-                .unwrap_or(body);
-            bail!("{status}: {}", message.trim());
+            bail!(error_message(status, body));
         }
         serde_json::from_str(&body)
             .with_context(|| format!("unexpected answer from {}: {body}", self.base))
+    }
+
+    /// Reads the Server-Sent Events stream at `path`, handing each message to `each`, until
+    /// the agent ends it (it shuts down) or `each` fails.
+    pub async fn follow(
+        &self,
+        path: &str,
+        mut each: impl FnMut(SseMessage) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let mut response = self
+            .http
+            .get(self.url(path))
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the agent at {}", self.base))?;
+        let status = response.status();
+        if !status.is_success() {
+            let body = response.text().await.unwrap_or_default();
+            bail!(error_message(status, body));
+        }
+        let mut buffer: Vec<u8> = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .context("reading the agent's event stream")?
+        {
+            buffer.extend_from_slice(&chunk);
+            while let Some(end) = buffer.windows(2).position(|w| w == b"\n\n") {
+                let block: Vec<u8> = buffer.drain(..end + 2).collect();
+                if let Some(message) = SseMessage::parse(&String::from_utf8_lossy(&block)) {
+                    each(message)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The message of a JSON error answer (`{"error": ...}`), else its body.
+fn error_message(status: reqwest::StatusCode, body: String) -> String {
+    let message = serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+        .unwrap_or(body);
+    format!("{status}: {}", message.trim())
+}
+
+/// One message of a Server-Sent Events stream.
+#[derive(Debug, PartialEq, Eq)]
+pub struct SseMessage {
+    /// The `event:` name; `None` for plain messages.
+    pub event: Option<String>,
+    pub data: String,
+}
+
+impl SseMessage {
+    /// Parses one block of `field: value` lines; `None` for a block without data (a
+    /// keep-alive comment).
+    pub fn parse(block: &str) -> Option<SseMessage> {
+        let mut event = None;
+        let mut data: Vec<&str> = Vec::new();
+        for line in block.lines() {
+            let (field, value) = line.split_once(':').unwrap_or((line, ""));
+            let value = value.strip_prefix(' ').unwrap_or(value);
+            match field {
+                "event" => event = Some(value.to_string()),
+                "data" => data.push(value),
+                _ => {}
+            }
+        }
+        (!data.is_empty()).then(|| SseMessage {
+            event,
+            data: data.join("\n"),
+        })
     }
 }
 
@@ -221,25 +291,35 @@ pub fn render_events(events: &[raftmgr_raft::state::RecordedEvent]) -> String {
     let mut rows = vec![["Index", "Event", "Node", "Outcome", "Details"]
         .map(String::from)
         .to_vec()];
-    for e in events {
-        let outcome = match &e.outcome {
-            raftmgr_raft::Outcome::Applied => "applied".to_string(),
-            raftmgr_raft::Outcome::NoOp { reason } => format!("no-op: {reason}"),
-        };
-        let details = serde_json::to_string(&e.event)
-            .unwrap_or_default()
-            .chars()
-            .take(100)
-            .collect();
-        rows.push(vec![
-            e.log_index.to_string(),
-            e.event.kind().into(),
-            e.event.subject().map_or("-".into(), |id| id.to_string()),
-            outcome,
-            details,
-        ]);
-    }
+    rows.extend(events.iter().map(event_cells));
     table(&rows)
+}
+
+/// `raftmgr cluster events --follow`: one line per event, as it arrives.
+pub fn render_event_line(e: &raftmgr_raft::state::RecordedEvent) -> String {
+    let [index, kind, node, outcome, details] =
+        event_cells(e).try_into().expect("five cells per event");
+    format!("{index:>8}  {kind:<19} {node:<4} {outcome:<8} {details}")
+}
+
+/// Index, event, node, outcome, details.
+fn event_cells(e: &raftmgr_raft::state::RecordedEvent) -> Vec<String> {
+    let outcome = match &e.outcome {
+        raftmgr_raft::Outcome::Applied => "applied".to_string(),
+        raftmgr_raft::Outcome::NoOp { reason } => format!("no-op: {reason}"),
+    };
+    let details = serde_json::to_string(&e.event)
+        .unwrap_or_default()
+        .chars()
+        .take(100)
+        .collect();
+    vec![
+        e.log_index.to_string(),
+        e.event.kind().into(),
+        e.event.subject().map_or("-".into(), |id| id.to_string()),
+        outcome,
+        details,
+    ]
 }
 
 fn show(value: Option<u64>) -> String {
@@ -273,4 +353,28 @@ pub fn table(rows: &[Vec<String>]) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SseMessage;
+
+    #[test]
+    fn sse_blocks_parse() {
+        assert_eq!(
+            SseMessage::parse("id: 7\ndata: {\"a\":1}\n\n"),
+            Some(SseMessage {
+                event: None,
+                data: "{\"a\":1}".into()
+            })
+        );
+        assert_eq!(
+            SseMessage::parse("event: missed\ndata: {\"missed\":3}\n"),
+            Some(SseMessage {
+                event: Some("missed".into()),
+                data: "{\"missed\":3}".into()
+            })
+        );
+        assert_eq!(SseMessage::parse(":\n\n"), None);
+    }
 }

@@ -6,12 +6,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use raftmgr_raft::{Member, NodeId};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The exit code for an invalid configuration (sysexits EX_USAGE).
 pub const EXIT_INVALID_CONFIG: i32 = 64;
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// This node's Raft id: a positive integer, unique in the cluster.
@@ -45,7 +45,7 @@ pub struct Config {
     pub failover: FailoverSection,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FailoverSection {
     /// How long a committed lease renewal lets the primary take writes, on its own clock.
@@ -74,7 +74,7 @@ pub struct FailoverSection {
     pub unsafe_no_fencing: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SynchronousMode {
     Off,
@@ -109,7 +109,7 @@ impl FailoverSection {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PostgresSection {
     /// The PostgreSQL data directory.
@@ -170,7 +170,7 @@ pub struct PostgresSection {
     pub health_summary_interval_ms: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RaftSection {
     /// `host:port` the Raft RPC server listens on.
@@ -195,7 +195,7 @@ pub struct RaftSection {
     pub proposal_timeout_ms: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiSection {
     /// `host:port` the HTTP API listens on.
@@ -205,7 +205,7 @@ pub struct ApiSection {
     pub advertise: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Peer {
     pub node_id: NodeId,
@@ -328,6 +328,45 @@ impl NodeConfig {
 
     pub fn proposal_timeout(&self) -> Duration {
         Duration::from_millis(self.file.raft.proposal_timeout_ms)
+    }
+
+    /// The effective configuration for `GET /config`: the file with its defaults and derived
+    /// values filled in, and every secret replaced by [`REDACTED`] — wherever it appears, so
+    /// that a password pasted into a conninfo is hidden too.
+    pub fn redacted_json(&self) -> serde_json::Value {
+        let mut file = self.file.clone();
+        file.raft.advertise = Some(self.raft_advertise());
+        file.api.advertise = Some(self.api_advertise());
+        if let (Some(section), Some(pg)) = (&mut file.postgres, &self.postgres) {
+            section.bin_dir = Some(pg.bin_dir.clone());
+            section.socket_dir = Some(pg.socket_dir.clone());
+            section.conninfo = Some(pg.conninfo.clone());
+        }
+        let mut value =
+            serde_json::to_value(&file).expect("the configuration's types serialize to JSON");
+        let mut secrets = vec![self.cluster_secret.as_str(), self.api_token.as_str()];
+        if let Some(pg) = &self.postgres {
+            secrets.push(&pg.replication_password);
+        }
+        redact(&mut value, &secrets);
+        value
+    }
+}
+
+/// What `GET /config` shows in place of a secret.
+pub const REDACTED: &str = "<redacted>";
+
+/// Replaces every string that contains one of `secrets` with [`REDACTED`].
+fn redact(value: &mut serde_json::Value, secrets: &[&str]) {
+    match value {
+        serde_json::Value::String(text)
+            if secrets.iter().any(|s| !s.is_empty() && text.contains(s)) =>
+        {
+            *text = REDACTED.into();
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(|v| redact(v, secrets)),
+        serde_json::Value::Object(map) => map.values_mut().for_each(|v| redact(v, secrets)),
+        _ => {}
     }
 }
 
@@ -780,6 +819,42 @@ replication_password = "secret-password"
             e.contains("postgres.bin_dir: /nonexistent/bin has no initdb"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn the_effective_configuration_hides_every_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("token"), "token-from-a-file-0123\n").unwrap();
+        let text = format!(
+            "{}{PG}conninfo = \"host=10.0.0.1 password=secret-password\"\n",
+            GOOD.replace(
+                "api_token = \"fedcba9876543210\"",
+                "api_token_file = \"token\""
+            )
+        );
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, text).unwrap();
+        let config = load(&path).unwrap();
+
+        let json = config.redacted_json();
+        let text = json.to_string();
+        for secret in [
+            "0123456789abcdef",
+            "token-from-a-file-0123",
+            "secret-password",
+        ] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
+        assert_eq!(json["cluster_secret"], REDACTED);
+        assert_eq!(json["api_token"], serde_json::Value::Null);
+        assert_eq!(json["api_token_file"], "token");
+        assert_eq!(json["postgres"]["replication_password"], REDACTED);
+        assert_eq!(json["postgres"]["conninfo"], REDACTED);
+        // Defaults and derived values are filled in.
+        assert_eq!(json["raft"]["advertise"], "127.0.0.1:7001");
+        assert_eq!(json["raft"]["heartbeat_interval_ms"], 100);
+        assert_eq!(json["failover"]["synchronous_mode"], "off");
+        assert_eq!(json["postgres"]["port"], 5433);
     }
 
     #[test]

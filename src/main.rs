@@ -16,6 +16,7 @@ mod supervisor;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use raftmgr_api::{AddMember, MembershipAnswer};
 
@@ -172,8 +173,12 @@ enum ClusterCommand {
         /// Only events of this type, e.g. NodeRegistered, HealthObserved.
         #[arg(long = "type", value_name = "TYPE")]
         kind: Option<String>,
+        /// Print JSON (with --follow: one object per line).
         #[arg(long)]
         json: bool,
+        /// Keep printing new events as they are applied, until interrupted.
+        #[arg(long, short)]
+        follow: bool,
     },
 }
 
@@ -291,6 +296,7 @@ async fn run_command(command: Command) -> anyhow::Result<()> {
             node,
             kind,
             json,
+            follow,
         }) => {
             let mut query = Vec::new();
             if let Some(node) = node {
@@ -299,9 +305,16 @@ async fn run_command(command: Command) -> anyhow::Result<()> {
             if let Some(kind) = kind {
                 query.push(format!("type={kind}"));
             }
+            if follow {
+                query.push("follow=1".into());
+            }
             let path = format!("/events?{}", query.join("&"));
-            let events: Vec<raftmgr_raft::state::RecordedEvent> =
-                client::Client::new(&target)?.get(&path).await?;
+            let client = client::Client::new(&target)?;
+            if follow {
+                client.follow(&path, |m| print_followed(&m, json)).await?;
+                anyhow::bail!("the agent ended the event stream (it is shutting down)");
+            }
+            let events: Vec<raftmgr_raft::state::RecordedEvent> = client.get(&path).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&events)?);
             } else {
@@ -381,6 +394,26 @@ async fn run_command(command: Command) -> anyhow::Result<()> {
         Command::Node(NodeCommand::Unregister { config, node }) => {
             commands::node_unregister(&load(&config)?, node.as_deref()).await?
         }
+    }
+    Ok(())
+}
+
+/// One message of `cluster events --follow`: an event on stdout, a gap on stderr.
+fn print_followed(message: &client::SseMessage, json: bool) -> anyhow::Result<()> {
+    if message.event.as_deref() == Some("missed") {
+        let missed: serde_json::Value = serde_json::from_str(&message.data)?;
+        eprintln!(
+            "({} events were applied too fast to be shown)",
+            missed["missed"]
+        );
+        return Ok(());
+    }
+    let event: raftmgr_raft::state::RecordedEvent = serde_json::from_str(&message.data)
+        .with_context(|| format!("unexpected event from the agent: {}", message.data))?;
+    if json {
+        println!("{}", serde_json::to_string(&event)?);
+    } else {
+        println!("{}", client::render_event_line(&event));
     }
     Ok(())
 }

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use raftmgr_api::ClusterView;
+use raftmgr_api::{ClusterView, HistoryEntry, HistoryKind};
 use raftmgr_jepsen::cluster::{LocalCluster, Options};
 use raftmgr_jepsen::wait;
 use raftmgr_raft::{Event, NodeId};
@@ -126,6 +126,13 @@ async fn a_killed_primary_postmaster_fails_over_and_the_old_primary_rejoins() {
         decision.decision
     );
     assert!(kinds(&view).contains(&"PrimaryResigned"));
+    let history: Vec<HistoryEntry> = cluster.get(2, "/history").await.unwrap();
+    let last = history.last().unwrap();
+    assert_eq!(
+        (last.generation, last.primary_id, last.kind, last.timeline),
+        (2, new_primary, Some(HistoryKind::Failover), Some(2)),
+        "{history:?}"
+    );
 
     let in_recovery: bool = sql(&cluster, new_primary, "SELECT pg_is_in_recovery()")
         .await
@@ -412,6 +419,30 @@ async fn switchover_to_a_named_node_and_back_swaps_roles_without_rewind() {
         kinds(&view)
     );
     wait_rows(&cluster, 1, 110).await;
+    let history = wait::until("node1's promotion in the history", TIMEOUT, || async {
+        let history: Vec<HistoryEntry> = cluster
+            .get(1, "/history")
+            .await
+            .map_err(|e| e.to_string())?;
+        match history.last() {
+            Some(h) if h.generation == 3 && h.timeline.is_some() => Ok(history),
+            _ => Err(format!("{history:?}")),
+        }
+    })
+    .await
+    .unwrap();
+    let generations: Vec<_> = history
+        .iter()
+        .map(|h| (h.generation, h.primary_id, h.kind, h.timeline))
+        .collect();
+    assert_eq!(
+        generations,
+        [
+            (1, 1, Some(HistoryKind::Registered), None),
+            (2, 2, Some(HistoryKind::Switchover), Some(2)),
+            (3, 1, Some(HistoryKind::Switchover), Some(3)),
+        ]
+    );
 
     // By hand, repmgr's `node rejoin`: refused on the primary; on a standby, its agent rewinds
     // it from the primary and starts it again.

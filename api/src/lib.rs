@@ -4,6 +4,9 @@
 //! JSON objects `{"error": "..."}` with a 4xx status for requests that cannot be carried out as
 //! asked and a 5xx status when the cluster could not answer.
 
+mod follow;
+mod history;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -11,7 +14,7 @@ use std::sync::Arc;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use openraft::error::{InitializeError, RaftError};
@@ -20,6 +23,16 @@ use raftmgr_raft::state::RecordedEvent;
 use raftmgr_raft::{ClusterState, Event, Member, NodeId, NodeSummary, Outcome, Raft};
 use raftmgr_storage::{AtOpen, StoreView};
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use follow::Selection;
+pub use history::{history, HistoryEntry, HistoryKind};
+
+/// The status page served at `GET /`: one HTML file with its script, no build step.
+const STATUS_PAGE: &str = include_str!("../status.html");
+
+/// The OpenAPI 3 description of every route of [`router`], served at `GET /openapi.json`.
+pub const OPENAPI: &str = include_str!("../openapi.json");
 
 /// Everything the API handlers need, cheap to clone.
 #[derive(Clone)]
@@ -37,6 +50,11 @@ pub struct Api {
     pub rejoin_requested: Option<Arc<std::sync::atomic::AtomicBool>>,
     /// What the agent last measured of its own PostgreSQL; `None` without `[postgres]`.
     pub local: Option<Arc<std::sync::RwLock<LocalPostgres>>>,
+    /// This node's effective configuration for `GET /config`, rendered by the binary with its
+    /// secrets already redacted.
+    pub config: Arc<serde_json::Value>,
+    /// Becomes `true` when the agent shuts down: open event streams end then.
+    pub shutdown: watch::Receiver<bool>,
 }
 
 /// The agent's latest measurement of its PostgreSQL, for the load-balancer checks.
@@ -52,7 +70,10 @@ pub struct LocalPostgres {
 
 pub fn router(api: Api) -> Router {
     Router::new()
+        .route("/", get(status_page))
         .route("/cluster", get(cluster))
+        .route("/history", get(history_list))
+        .route("/config", get(config))
         .route("/cluster/init", post(init))
         .route("/events", post(propose).get(events))
         .route("/switchover", post(switchover))
@@ -73,6 +94,7 @@ pub fn router(api: Api) -> Router {
         .route("/read-only", get(check_read_only))
         .route("/health", get(check_health))
         .route("/readiness", get(check_readiness))
+        .route("/openapi.json", get(openapi))
         .with_state(api)
 }
 
@@ -198,22 +220,45 @@ async fn cluster(
 }
 
 #[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct EventFilter {
     /// Only events about this node (name or id).
     pub node: Option<String>,
     /// Only events of this type (`NodeRegistered`, `HealthObserved`, ...).
     #[serde(rename = "type")]
     pub kind: Option<String>,
+    /// `1`: keep the answer open and stream each newly applied event (Server-Sent Events).
+    pub follow: Option<String>,
 }
 
-/// `GET /events`: the recent events the state keeps, oldest first, optionally filtered.
+/// `GET /events[?node=NAME][&type=TYPE][&follow=1]`: the recent events the state keeps, oldest
+/// first, optionally filtered; with `follow`, an SSE stream of them and then of each new one.
 async fn events(
     State(api): State<Api>,
     filter: Result<Query<EventFilter>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Vec<RecordedEvent>>, ApiError> {
+) -> Result<Response, ApiError> {
     let Query(filter) =
         filter.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
-    let state = api.store.cluster_state();
+    let follow = flag("follow", filter.follow.as_deref())?;
+    let selection = api.store.with(|state| select(state, &filter))?;
+    if follow {
+        let stream = follow::stream(&api, selection)
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        return Ok(stream.into_response());
+    }
+    let events: Vec<RecordedEvent> = api.store.with(|state| {
+        state
+            .recent
+            .iter()
+            .filter(|e| selection.matches(e))
+            .cloned()
+            .collect()
+    });
+    Ok(Json(events).into_response())
+}
+
+/// Resolves an event filter's node (name or id) and checks its type.
+fn select(state: &ClusterState, filter: &EventFilter) -> Result<Selection, ApiError> {
     let node = match &filter.node {
         None => None,
         Some(name) => Some(
@@ -227,14 +272,57 @@ async fn events(
                 })?,
         ),
     };
-    let events = state
-        .recent
-        .iter()
-        .filter(|e| node.is_none_or(|id| e.event.subject() == Some(id)))
-        .filter(|e| filter.kind.as_deref().is_none_or(|k| e.event.kind() == k))
-        .cloned()
-        .collect();
-    Ok(Json(events))
+    if let Some(kind) = &filter.kind {
+        if !raftmgr_raft::event::EVENT_KINDS.contains(&kind.as_str()) {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "type={kind:?} is not an event type; one of {}",
+                    raftmgr_raft::event::EVENT_KINDS.join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(Selection {
+        node,
+        kind: filter.kind.clone(),
+    })
+}
+
+/// A yes/no query parameter: `1`, `true` or empty for yes; `0` or `false` for no.
+fn flag(name: &str, value: Option<&str>) -> Result<bool, ApiError> {
+    match value {
+        None | Some("0" | "false") => Ok(false),
+        Some("" | "1" | "true") => Ok(true),
+        Some(other) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("{name}={other:?}: say 1 or 0 (true or false)"),
+        )),
+    }
+}
+
+/// `GET /history`: the cluster's generations — the first primary, then each promotion with
+/// its kind, reason, timeline and LSN — oldest first, as far as the committed state keeps them.
+async fn history_list(State(api): State<Api>) -> Json<Vec<HistoryEntry>> {
+    Json(api.store.with(history::history))
+}
+
+/// `GET /config`: this node's effective configuration, secrets redacted.
+async fn config(State(api): State<Api>) -> Json<serde_json::Value> {
+    Json(api.config.as_ref().clone())
+}
+
+/// `GET /`: the status page; its script reads `/cluster`, `/history` and `/events`.
+async fn status_page() -> Html<&'static str> {
+    Html(STATUS_PAGE)
+}
+
+/// `GET /openapi.json`: the API's description.
+async fn openapi() -> impl IntoResponse {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        OPENAPI,
+    )
 }
 
 /// A JSON error answer.
@@ -844,7 +932,61 @@ async fn metrics(State(api): State<Api>) -> impl IntoResponse {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_size_bytes;
+    use std::collections::BTreeSet;
+
+    use super::{parse_size_bytes, OPENAPI};
+
+    /// `(method, path)` of every `.route(...)` in `router()`, read from this file's source.
+    fn routes_in_router() -> BTreeSet<(String, String)> {
+        let source = include_str!("lib.rs");
+        let start = source.find("pub fn router(").expect("router() in lib.rs");
+        let end = start + source[start..].find(".with_state(").expect("its end");
+        let mut routes = BTreeSet::new();
+        for call in source[start..end].split(".route(").skip(1) {
+            let path = call.split('"').nth(1).expect("a path literal");
+            for method in ["get", "post", "put", "patch", "delete"] {
+                let named = call
+                    .match_indices(&format!("{method}("))
+                    .any(|(i, _)| !call[..i].ends_with(|c: char| c.is_alphanumeric() || c == '_'));
+                if named {
+                    routes.insert((method.to_string(), path.to_string()));
+                }
+            }
+        }
+        routes
+    }
+
+    #[test]
+    fn the_openapi_document_describes_every_route_and_no_other() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).expect("openapi.json is JSON");
+        assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+        let documented: BTreeSet<(String, String)> = doc["paths"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .flat_map(|(path, item)| {
+                item.as_object()
+                    .unwrap()
+                    .keys()
+                    .filter(|k| ["get", "post", "put", "patch", "delete"].contains(&k.as_str()))
+                    .map(move |method| (method.clone(), path.clone()))
+            })
+            .collect();
+        let served = routes_in_router();
+        assert!(served.len() > 20, "{served:?}");
+        assert!(served.contains(&("post".into(), "/events".into())));
+        assert!(served.contains(&("get".into(), "/liveness".into())));
+        let missing: Vec<_> = served.difference(&documented).collect();
+        let extra: Vec<_> = documented.difference(&served).collect();
+        assert!(
+            missing.is_empty(),
+            "routes missing from openapi.json: {missing:?}"
+        );
+        assert!(
+            extra.is_empty(),
+            "openapi.json describes no such route: {extra:?}"
+        );
+    }
 
     #[test]
     fn sizes_parse_like_postgres() {

@@ -183,8 +183,25 @@ pub enum RejoinMethod {
     Reclone,
 }
 
+/// Every [`Event::kind`], in the order of the variants: the values a type filter accepts.
+pub const EVENT_KINDS: [&str; 13] = [
+    "NodeRegistered",
+    "NodeUnregistered",
+    "HealthObserved",
+    "LeaseRenewed",
+    "PromotionDecided",
+    "PrimaryResigned",
+    "PromotionCompleted",
+    "RejoinPlanned",
+    "RejoinCompleted",
+    "SwitchoverRequested",
+    "Paused",
+    "Resumed",
+    "SyncSetChanged",
+];
+
 impl Event {
-    /// A short type name, for filters and tables.
+    /// A short type name, for filters and tables. A new variant's name goes into [`EVENT_KINDS`].
     pub fn kind(&self) -> &'static str {
         match self {
             Event::NodeRegistered(_) => "NodeRegistered",
