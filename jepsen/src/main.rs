@@ -18,6 +18,8 @@ enum Command {
     /// A chaos run: clients recording every write, seeded faults (kill, pause, partition, ...),
     /// and checkers for lost writes, split brain, convergence and log agreement; writes a report.
     Test(chaos::ChaosArgs),
+    /// Judges a chaos run's recorded history again and rewrites its report.
+    Check(chaos::CheckArgs),
     /// Commit throughput, commit latency and agent memory of a three-node cluster on loopback.
     BenchRaft(bench::BenchRaftArgs),
     /// Write unavailability, lost writes and rejoin time of automatic failover and switchover,
@@ -30,6 +32,7 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Test(args) => chaos::test(args).await,
+        Command::Check(args) => chaos::check(args),
         Command::BenchRaft(args) => bench::bench_raft(args).await,
         Command::BenchFailover(args) => failover_bench::bench_failover(args).await,
     }

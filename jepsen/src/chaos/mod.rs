@@ -101,6 +101,34 @@ pub async fn test(args: ChaosArgs) -> anyhow::Result<()> {
         report = run(&args) => report?,
         _ = tokio::signal::ctrl_c() => bail!("interrupted; the lab was torn down"),
     };
+    judged(report)
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct CheckArgs {
+    /// A run's folder (its `--out`), holding `history.json`.
+    pub dir: PathBuf,
+}
+
+/// `raftmgr-jepsen check DIR`: judges a recorded history again (after a checker changed, say)
+/// and rewrites the run's `results.json` and `report.html`.
+pub fn check(args: CheckArgs) -> anyhow::Result<()> {
+    let path = args.dir.join("history.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let history: History =
+        serde_json::from_str(&text).with_context(|| format!("decoding {}", path.display()))?;
+    let verdicts = check::check_all(&history);
+    let report = RunReport {
+        history,
+        verdicts,
+        out: args.dir,
+    };
+    report::write(&report).context("writing the report")?;
+    judged(report)
+}
+
+fn judged(report: RunReport) -> anyhow::Result<()> {
     report::print(&report);
     if !report.passed() {
         let failed: Vec<&str> = report

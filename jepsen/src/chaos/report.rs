@@ -24,8 +24,8 @@ pub struct Numbers {
     pub split_brain_violations: usize,
     /// New generations committed during the run (failovers and switchovers).
     pub promotions: usize,
-    /// Per fault: from the last acknowledged write before it started to the first after; `None`
-    /// when no write was acknowledged after it.
+    /// Per fault: the longest stretch without an acknowledged write from its start until the
+    /// first acknowledgement after it was healed; `None` when none came.
     pub unavailability_ms: Vec<Option<f64>>,
     pub unavailability: Option<Stat>,
 }
@@ -42,11 +42,7 @@ pub fn numbers(history: &History, split_brain_violations: usize) -> Numbers {
     let unavailability_ms: Vec<Option<f64>> = history
         .faults
         .iter()
-        .map(|f| {
-            let i = acks.partition_point(|a| *a < f.start_ms);
-            let before = if i == 0 { 0.0 } else { acks[i - 1] };
-            acks.get(i).map(|after| after - before)
-        })
+        .map(|f| longest_gap(&acks, f.start_ms, f.end_ms.unwrap_or(f.start_ms)))
         .collect();
     let measured: Vec<f64> = unavailability_ms.iter().flatten().copied().collect();
     let mut faults_by_kind = BTreeMap::new();
@@ -73,6 +69,24 @@ pub fn numbers(history: &History, split_brain_violations: usize) -> Numbers {
         unavailability: (!measured.is_empty()).then(|| Stat::of(measured)),
         unavailability_ms,
     }
+}
+
+/// The longest stretch without an acknowledged write (`acks`: acknowledgement times, sorted)
+/// that touches a fault from `start_ms` until the first acknowledgement after it ended at
+/// `end_ms`: a failover may come a lease timeout after the fault began, or only once it is
+/// healed. `None` when no write was acknowledged after the fault.
+fn longest_gap(acks: &[f64], start_ms: f64, end_ms: f64) -> Option<f64> {
+    let first = acks.partition_point(|a| *a < start_ms);
+    let after_end = acks.partition_point(|a| *a <= end_ms);
+    acks.get(after_end)?;
+    let before = if first == 0 { 0.0 } else { acks[first - 1] };
+    let mut gap: f64 = 0.0;
+    let mut previous = before;
+    for ack in &acks[first..=after_end] {
+        gap = gap.max(ack - previous);
+        previous = *ack;
+    }
+    Some(gap)
 }
 
 fn numbers_of(report: &RunReport) -> Numbers {
@@ -316,9 +330,15 @@ mod tests {
     }
 
     #[test]
-    fn unavailability_spans_from_the_last_ack_before_a_fault_to_the_first_after() {
+    fn unavailability_is_the_longest_gap_from_a_fault_to_the_first_ack_after_it() {
         let history = History {
-            writes: vec![ack(1, 100.0), ack(2, 120.0), ack(3, 900.0), ack(4, 920.0)],
+            writes: vec![
+                ack(1, 100.0),
+                ack(2, 120.0),
+                ack(3, 140.0),
+                ack(4, 1400.0),
+                ack(5, 1420.0),
+            ],
             faults: vec![
                 Fault {
                     kind: "kill-postgres".into(),
@@ -330,16 +350,18 @@ mod tests {
                 Fault {
                     kind: "kill-node".into(),
                     targets: vec!["node1".into()],
-                    start_ms: 1000.0,
-                    end_ms: Some(1100.0),
+                    start_ms: 1500.0,
+                    end_ms: Some(1600.0),
                     note: String::new(),
                 },
             ],
             ..History::default()
         };
         let n = numbers(&history, 0);
-        assert_eq!(n.unavailability_ms, vec![Some(780.0), None]);
-        assert_eq!(n.writes_acknowledged, 4);
+        // The first fault: acknowledged on until 140 ms, then nothing until 1400 ms. The
+        // second: nothing was acknowledged after it ended.
+        assert_eq!(n.unavailability_ms, vec![Some(1260.0), None]);
+        assert_eq!(n.writes_acknowledged, 5);
         assert_eq!(n.faults_by_kind.len(), 2);
     }
 }
