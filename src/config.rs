@@ -158,6 +158,15 @@ pub struct PostgresSection {
     /// Never make this node a synchronous standby.
     #[serde(default)]
     pub nosync: bool,
+    /// PostgreSQL's `archive_command` (with `%p`/`%f`); sets `archive_mode = on`. The primary
+    /// archives its WAL, so that a former primary can be rewound after its own WAL is gone.
+    #[serde(default)]
+    pub archive_command: Option<String>,
+    /// PostgreSQL's `restore_command` (with `%f` and `%p`), fetching WAL from that archive. When
+    /// set, pg_rewind runs with `--restore-target-wal`: WAL the former primary no longer has in
+    /// pg_wal comes from the archive instead of forcing a re-clone.
+    #[serde(default)]
+    pub restore_command: Option<String>,
     /// How often the agent probes its own PostgreSQL.
     #[serde(default = "defaults::probe_interval_ms")]
     pub probe_interval_ms: u64,
@@ -646,6 +655,22 @@ fn validate_postgres(pg: &PostgresSection) -> Result<(), (&'static str, String)>
             return Err((key, format!("{value:?} must be letters, digits or '_'")));
         }
     }
+    if let Some(command) = &pg.archive_command {
+        if !command.contains("%p") && !command.contains("%f") {
+            return Err((
+                "postgres.archive_command",
+                format!("{command:?} names neither %p (the file's path) nor %f (its name)"),
+            ));
+        }
+    }
+    if let Some(command) = &pg.restore_command {
+        if !command.contains("%p") || !command.contains("%f") {
+            return Err((
+                "postgres.restore_command",
+                format!("{command:?} must name %f (the file wanted) and %p (where to copy it)"),
+            ));
+        }
+    }
     for cidr in &pg.allowed_cidrs {
         let (address, bits) = cidr.split_once('/').unwrap_or((cidr, ""));
         let ok = address.parse::<std::net::IpAddr>().is_ok() && bits.parse::<u8>().is_ok();
@@ -807,6 +832,10 @@ replication_password = "secret-password"
         );
         let e = error_of(&format!("{GOOD}{PG}allowed_cidrs = [\"10.0.0.0\"]\n"));
         assert!(e.contains("postgres.allowed_cidrs"), "{e}");
+        let e = error_of(&format!("{GOOD}{PG}restore_command = \"cp /a/%f\"\n"));
+        assert!(e.contains("postgres.restore_command"), "{e}");
+        let e = error_of(&format!("{GOOD}{PG}archive_command = \"true\"\n"));
+        assert!(e.contains("postgres.archive_command"), "{e}");
     }
 
     #[test]

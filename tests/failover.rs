@@ -615,3 +615,112 @@ async fn when_pg_rewind_cannot_work_the_old_primary_is_cloned_again() {
     assert!(kept, "the old data directory is kept aside, not deleted");
     wait_rows(&cluster, 1, 130).await;
 }
+
+/// A former primary whose own WAL since the fork is gone from pg_wal is still rewound, not
+/// cloned again: pg_rewind fetches the missing segments with the `restore_command` from the
+/// archive the primary kept. To diverge for long enough, node1 runs with fencing switched off
+/// (a test-only setting): its agent is killed, the others fail over, and node1 keeps taking
+/// writes on its own timeline, checkpoints and recycles WAL before it is stopped.
+#[tokio::test]
+async fn a_former_primary_whose_wal_is_gone_is_rewound_from_the_archive() {
+    use std::os::unix::fs::PermissionsExt;
+    let archive = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(archive.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let dir = archive.path().display();
+    let mut cluster = replicated_cluster_with(Options {
+        postgres_settings: vec![
+            format!("archive_command = \"test ! -f {dir}/%f && cp %p {dir}/%f\""),
+            format!("restore_command = \"cp {dir}/%f %p\""),
+        ],
+        failover_settings: vec!["unsafe_no_fencing = true".into()],
+        ..Options::default()
+    })
+    .await;
+    cluster.wait_streaming(1, &[2, 3], TIMEOUT).await.unwrap();
+
+    cluster.kill(1).unwrap();
+    let (new_primary, _) = wait_for_new_primary(&cluster, 2, 1).await;
+    // Node1 diverges over several WAL segments and a checkpoint, all archived.
+    for round in 0..3 {
+        let first = 1000 + round * 100;
+        let insert = format!(
+            "INSERT INTO acked SELECT generate_series({first}, {})",
+            first + 99
+        );
+        sql(&cluster, 1, &insert).await.unwrap();
+        sql(&cluster, 1, "SELECT pg_switch_wal()").await.unwrap();
+    }
+    sql(&cluster, 1, "CHECKPOINT").await.unwrap();
+    sql(&cluster, 1, "SELECT pg_switch_wal()").await.unwrap();
+    let current: String = sql(&cluster, 1, "SELECT pg_walfile_name(pg_current_wal_lsn())")
+        .await
+        .unwrap()[0]
+        .get(0);
+    wait::until("node1's WAL archived", TIMEOUT, || async {
+        let rows = sql(
+            &cluster,
+            1,
+            "SELECT last_archived_wal FROM pg_stat_archiver",
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let archived: Option<String> = rows[0].get(0);
+        // Segment names sort in WAL order within a timeline.
+        match archived {
+            Some(name) if name.len() == 24 && name[8..] >= current[8..] => Ok(()),
+            other => Err(format!("last archived {other:?}, current {current}")),
+        }
+    })
+    .await
+    .unwrap();
+    let stopped = cluster
+        .pg_ctl(1, &["stop", "-m", "immediate", "-w"])
+        .unwrap();
+    assert!(stopped.status.success(), "{stopped:?}");
+
+    // Everything before the segment crash recovery starts from is gone, the fork point with it.
+    let redo = controldata_value(&cluster, 1, "Latest checkpoint's REDO WAL file");
+    let wal = cluster.node(1).pg_data.join("pg_wal");
+    let mut removed = 0;
+    for entry in std::fs::read_dir(&wal).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        if path.is_file() && name.len() == 24 && name[8..] < redo[8..] {
+            std::fs::remove_file(&path).unwrap();
+            removed += 1;
+        }
+    }
+    assert!(removed >= 3, "only {removed} segments before {redo}");
+
+    cluster.start_node(1).unwrap();
+    let view = wait_all_follow(&cluster, new_primary).await;
+    let method = view.state.recent.iter().find_map(|e| match &e.event {
+        Event::RejoinCompleted {
+            node_id: 1, method, ..
+        } => Some(*method),
+        _ => None,
+    });
+    assert_eq!(
+        method,
+        Some(raftmgr_raft::RejoinMethod::Rewind),
+        "node 1 was rewound with WAL from the archive: {:?}",
+        kinds(&view)
+    );
+    // Its divergent rows are gone; the new primary's history is its own.
+    wait_rows(&cluster, 1, 100).await;
+}
+
+fn controldata_value(cluster: &LocalCluster, id: NodeId, key: &str) -> String {
+    let out = raftmgr_jepsen::cluster::pg_command("pg_controldata")
+        .arg("-D")
+        .arg(&cluster.node(id).pg_data)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(key)
+                .map(|v| v.trim_start_matches(':').trim().to_string())
+        })
+        .unwrap_or_else(|| panic!("no {key:?} in pg_controldata: {text}"))
+}

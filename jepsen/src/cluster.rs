@@ -35,6 +35,8 @@ pub struct Options {
     pub postgres: bool,
     /// Extra `key = value` lines for every node's `[failover]` section.
     pub failover_settings: Vec<String>,
+    /// Extra `key = value` lines for every node's `[postgres]` section.
+    pub postgres_settings: Vec<String>,
     /// Run each node in its own network namespace (root only), so that partitions drop real
     /// packets; otherwise everything is on 127.0.0.1.
     pub network: bool,
@@ -48,6 +50,7 @@ impl Default for Options {
             raft_settings: Vec::new(),
             postgres: false,
             failover_settings: Vec::new(),
+            postgres_settings: Vec::new(),
             network: false,
         }
     }
@@ -140,6 +143,9 @@ impl LocalCluster {
                      probe_interval_ms = 250\npeer_probe_interval_ms = 1000\n",
                     node.pg_data.display()
                 );
+                for line in &options.postgres_settings {
+                    text += &format!("{line}\n");
+                }
                 if let Some(lab) = &network {
                     text += &format!(
                         "listen_address = \"{}\"\nallowed_cidrs = [\"{}\"]\n",

@@ -233,6 +233,15 @@ impl Pg {
             self.settings.socket_dir.display(),
             node_name,
         );
+        if let Some(command) = &section.archive_command {
+            conf += &format!(
+                "archive_mode = on\narchive_command = '{}'\n",
+                escape_conf(command)
+            );
+        }
+        if let Some(command) = &section.restore_command {
+            conf += &format!("restore_command = '{}'\n", escape_conf(command));
+        }
         if let Some(upstream) = upstream {
             conf += &format!(
                 "{UPSTREAM_MARKER}{}\nprimary_conninfo = '{}'\nprimary_slot_name = '{}'\n",
@@ -364,17 +373,20 @@ impl Pg {
     }
 
     /// `pg_rewind` of this (stopped) data directory from `source_conninfo`. PostgreSQL 13+ runs
-    /// crash recovery first when the target was not shut down cleanly.
+    /// crash recovery first when the target was not shut down cleanly. With a `restore_command`,
+    /// WAL missing from the target's pg_wal is fetched from the archive.
     pub fn rewind(&self, source_conninfo: &str) -> anyhow::Result<String> {
         self.remove_stale_pid_file()?;
-        let out = self
-            .command("pg_rewind")
+        let mut command = self.command("pg_rewind");
+        command
             .arg("--target-pgdata")
             .arg(self.data_dir())
             .arg("--source-server")
-            .arg(self.peer_conninfo(source_conninfo, "postgres"))
-            .output()
-            .context("running pg_rewind")?;
+            .arg(self.peer_conninfo(source_conninfo, "postgres"));
+        if self.settings.section.restore_command.is_some() {
+            command.arg("--restore-target-wal");
+        }
+        let out = command.output().context("running pg_rewind")?;
         check("pg_rewind", &out)?;
         Ok(format!(
             "{}{}",
