@@ -117,6 +117,7 @@ pub fn run(lease_file: &Path, data_dir: &Path) -> anyhow::Result<()> {
 /// Starts a guard for this agent unless the one named in `pid_file` still runs.
 pub fn ensure_running(lease_file: &Path, data_dir: &Path, pid_file: &Path) -> anyhow::Result<()> {
     use std::os::unix::process::CommandExt;
+    adopt_lease_file(lease_file)?;
     if let Some(pid) = std::fs::read_to_string(pid_file)
         .ok()
         .and_then(|t| t.trim().parse::<i32>().ok())
@@ -125,10 +126,6 @@ pub fn ensure_running(lease_file: &Path, data_dir: &Path, pid_file: &Path) -> an
         if process_alive(pid) && String::from_utf8_lossy(&cmdline).contains("lease-guard") {
             return Ok(());
         }
-    }
-    // A file left by an earlier agent (say, "primary until T") stays in force.
-    if !lease_file.exists() {
-        write_lease_file(lease_file, GuardMode::Standby)?;
     }
     let exe = std::env::current_exe()?;
     let child = std::process::Command::new(exe)
@@ -147,6 +144,16 @@ pub fn ensure_running(lease_file: &Path, data_dir: &Path, pid_file: &Path) -> an
     Ok(())
 }
 
+/// Makes the lease file name this agent. A file left by an earlier agent (say, "primary until
+/// T") stays in force, but a guard reading it must not take that agent's death, with
+/// PostgreSQL not started yet, for the end of its watch: found by the chaos lab, where a guard
+/// started beside a restarted agent exited at once and the next kill of that agent left its
+/// PostgreSQL writable with nobody to fence it.
+fn adopt_lease_file(lease_file: &Path) -> std::io::Result<()> {
+    let mode = read_lease_file(lease_file).map_or(GuardMode::Standby, |(mode, _)| mode);
+    write_lease_file(lease_file, mode)
+}
+
 /// The paths of the guard's files in the agent's data folder.
 pub fn paths(agent_data_dir: &Path) -> (PathBuf, PathBuf) {
     (
@@ -158,6 +165,27 @@ pub fn paths(agent_data_dir: &Path) -> (PathBuf, PathBuf) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_restarted_agent_adopts_the_lease_file_and_keeps_its_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let lease = dir.path().join("lease");
+        adopt_lease_file(&lease).unwrap();
+        assert_eq!(
+            read_lease_file(&lease),
+            Some((GuardMode::Standby, std::process::id() as i32))
+        );
+        // An earlier agent, long gone, left a primary's lease.
+        std::fs::write(&lease, "primary 42 999999999\n").unwrap();
+        adopt_lease_file(&lease).unwrap();
+        assert_eq!(
+            read_lease_file(&lease),
+            Some((
+                GuardMode::Primary { until_ns: 42 },
+                std::process::id() as i32
+            ))
+        );
+    }
 
     #[test]
     fn the_fenced_marker_is_taken_once() {

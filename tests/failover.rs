@@ -357,6 +357,18 @@ async fn a_killed_primary_agent_is_fenced_by_its_guard_and_rejoins_when_restarte
 
     cluster.start_node(1).unwrap();
     wait_all_follow(&cluster, new_primary).await;
+    // The restarted agent has a guard again (one once read the dead agent's pid from the lease
+    // file and left at once, so the next kill went unfenced).
+    let pid_file = cluster.dir().join("node1").join("lease-guard.pid");
+    let guard: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        raftmgr_jepsen::cluster::process_alive(guard),
+        "the lease guard {guard} of the restarted agent is running"
+    );
 }
 
 #[tokio::test]
