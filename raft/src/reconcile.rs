@@ -126,7 +126,11 @@ pub fn reconcile(state: &ClusterState, me: NodeId, local: &Local) -> Option<Acti
         });
     }
     if local.in_recovery != Some(true) {
-        return None; // Running but not answering: nothing safe to do yet.
+        // Running but not answering: a standby short of a consistent state — say, started after
+        // a rewind whose source then died — waits for WAL from the node it points at. Pointing
+        // it at the current primary is a reload, safe whatever it is doing; nothing else is.
+        let stale = local.following.is_some_and(|f| f != primary);
+        return stale.then_some(Action::Follow { primary });
     }
     if local.following != Some(primary) {
         return Some(Action::Follow { primary });
@@ -195,6 +199,32 @@ mod tests {
             reconcile(&s, 1, &fenced),
             Some(Action::Rewind { primary: 2 })
         );
+    }
+
+    #[test]
+    fn a_standby_that_does_not_answer_yet_is_repointed_at_a_new_primary() {
+        let s = state(true, Some(2));
+        let starting = Local {
+            running: true,
+            in_recovery: None,
+            following: Some(1),
+            ..Local::default()
+        };
+        assert_eq!(
+            reconcile(&s, 3, &starting),
+            Some(Action::Follow { primary: 2 })
+        );
+        let on_the_primary = Local {
+            following: Some(2),
+            ..starting.clone()
+        };
+        assert_eq!(reconcile(&s, 3, &on_the_primary), None);
+        // Not known to be a standby at all: hands off.
+        let unknown = Local {
+            following: None,
+            ..starting
+        };
+        assert_eq!(reconcile(&s, 3, &unknown), None);
     }
 
     #[test]
