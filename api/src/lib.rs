@@ -705,9 +705,18 @@ fn check(api: &Api) -> (CheckAnswer, bool) {
         .as_ref()
         .map(|l| l.read().expect("local status lock").clone())
         .unwrap_or_default();
-    let state = api.store.cluster_state();
-    let named_primary =
-        state.primary == Some(api.node_id) && !state.primary_resigned && state.primary_ready;
+    // Read in place: these checks are polled by every load balancer, and a copy of the state
+    // (with its recent events) per request cost most of their time.
+    let (named_primary, generation, lag_bytes) = api.store.with(|state| {
+        let named =
+            state.primary == Some(api.node_id) && !state.primary_resigned && state.primary_ready;
+        let lag = state
+            .node_summaries()
+            .into_iter()
+            .find(|s| s.id == api.node_id)
+            .and_then(|s| s.lag_bytes);
+        (named, state.generation, lag)
+    });
     let writable = local.running && local.in_recovery == Some(false);
     let is_primary = named_primary && writable && local.lease_held;
     let role = match (local.running, local.in_recovery) {
@@ -717,15 +726,10 @@ fn check(api: &Api) -> (CheckAnswer, bool) {
         (false, _) => "stopped",
         (true, None) => "unknown",
     };
-    let lag_bytes = state
-        .node_summaries()
-        .into_iter()
-        .find(|s| s.id == api.node_id)
-        .and_then(|s| s.lag_bytes);
     let answer = CheckAnswer {
         role: role.into(),
         running: local.running,
-        generation: state.generation,
+        generation,
         timeline: local.timeline,
         lease_held: local.lease_held,
         lag_bytes,

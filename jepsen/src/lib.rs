@@ -2,6 +2,7 @@
 //! benchmarks. Every process it starts is ended by its id when the cluster is dropped, and its
 //! folder is removed — also when a test panics.
 
+pub mod api_bench;
 pub mod bench;
 pub mod chaos;
 pub mod cluster;

@@ -1,7 +1,7 @@
 //! `raftmgr-jepsen`: the lab's command line.
 
 use clap::{Parser, Subcommand};
-use raftmgr_jepsen::{bench, chaos, failover_bench};
+use raftmgr_jepsen::{api_bench, bench, chaos, failover_bench};
 
 #[derive(Parser)]
 #[command(
@@ -26,6 +26,9 @@ enum Command {
     /// as a client writing every 20 ms sees them, and pg_rewind versus re-clone (real
     /// PostgreSQL).
     BenchFailover(failover_bench::BenchFailoverArgs),
+    /// Requests/s and latency of `GET /primary` and `GET /cluster` under wrk, and failover time
+    /// with and without that load (real PostgreSQL; needs Debian's wrk).
+    BenchApi(api_bench::BenchApiArgs),
 }
 
 #[tokio::main]
@@ -35,5 +38,6 @@ async fn main() -> anyhow::Result<()> {
         Command::Check(args) => chaos::check(args),
         Command::BenchRaft(args) => bench::bench_raft(args).await,
         Command::BenchFailover(args) => failover_bench::bench_failover(args).await,
+        Command::BenchApi(args) => api_bench::bench_api(args).await,
     }
 }

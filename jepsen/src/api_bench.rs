@@ -1,0 +1,269 @@
+//! `bench-api`: how many load-balancer checks and cluster reads an agent answers, measured by
+//! wrk (Debian's package) from another process against a three-node cluster with real
+//! PostgreSQL, and whether a failover under that load takes longer than without it.
+//!
+//! Each run starts a fresh cluster, then: wrk on `GET /primary` of the primary's agent, wrk on
+//! `GET /cluster` of the same agent, each for `duration_secs`; then the time from `kill -9` of
+//! the primary's postmaster to a new primary seen promoted, once without load and once with wrk
+//! loading `GET /primary` on every agent.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use raftmgr_raft::NodeId;
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::bench::Stat;
+use crate::cluster::{LocalCluster, Options};
+use crate::wait;
+
+const TARGET_PRIMARY_REQUESTS_PER_S: f64 = 10_000.0;
+const TARGET_PRIMARY_P99_MS: f64 = 5.0;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchApiArgs {
+    /// The raftmgr binary [default: `raftmgr` next to this executable].
+    #[arg(long)]
+    pub raftmgr: Option<PathBuf>,
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Seconds of load per endpoint.
+    #[arg(long, default_value_t = 10)]
+    pub duration_secs: u64,
+    /// wrk's open connections.
+    #[arg(long, default_value_t = 32)]
+    pub connections: u32,
+    /// wrk's threads.
+    #[arg(long, default_value_t = 1)]
+    pub threads: u32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct WrkResult {
+    pub requests_per_s: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    /// Non-2xx/3xx answers and socket errors.
+    pub errors: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ApiRun {
+    pub primary: WrkResult,
+    pub cluster: WrkResult,
+    /// `kill -9` of the primary's postmaster to a new primary seen ready.
+    pub failover_idle_ms: f64,
+    pub failover_loaded_ms: f64,
+}
+
+pub async fn bench_api(args: BenchApiArgs) -> anyhow::Result<()> {
+    let binary = match &args.raftmgr {
+        Some(path) => path.clone(),
+        None => crate::bench::default_binary()?,
+    };
+    let mut runs = Vec::new();
+    for number in 1..=args.runs {
+        let run = one_run(&binary, &args)
+            .await
+            .with_context(|| format!("run {number}"))?;
+        println!(
+            "run {number}: /primary {:.0} req/s p50 {:.2} ms p99 {:.2} ms ({} errors); /cluster \
+             {:.0} req/s p99 {:.2} ms; failover {:.0} ms idle, {:.0} ms under load",
+            run.primary.requests_per_s,
+            run.primary.p50_ms,
+            run.primary.p99_ms,
+            run.primary.errors,
+            run.cluster.requests_per_s,
+            run.cluster.p99_ms,
+            run.failover_idle_ms,
+            run.failover_loaded_ms
+        );
+        runs.push(run);
+    }
+    let stat = |f: fn(&ApiRun) -> f64| Stat::of(runs.iter().map(f));
+    let summary = serde_json::json!({
+        "primary_requests_per_s": stat(|r| r.primary.requests_per_s),
+        "primary_p99_ms": stat(|r| r.primary.p99_ms),
+        "cluster_requests_per_s": stat(|r| r.cluster.requests_per_s),
+        "cluster_p99_ms": stat(|r| r.cluster.p99_ms),
+        "failover_idle_ms": stat(|r| r.failover_idle_ms),
+        "failover_loaded_ms": stat(|r| r.failover_loaded_ms),
+        "targets": {
+            "primary_requests_per_s": TARGET_PRIMARY_REQUESTS_PER_S,
+            "primary_p99_ms": TARGET_PRIMARY_P99_MS,
+        },
+        "runs": runs,
+    });
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(())
+}
+
+async fn one_run(binary: &std::path::Path, args: &BenchApiArgs) -> anyhow::Result<ApiRun> {
+    let options = Options {
+        postgres: true,
+        ..Options::default()
+    };
+    let cluster = LocalCluster::start(binary, &options).await?;
+    let ids = cluster.ids();
+    cluster.setup_replication(&ids).await?;
+    let url = |id: NodeId, path: &str| format!("http://{}{path}", cluster.node(id).api_addr);
+    let seconds = args.duration_secs;
+    let primary = wrk(&url(1, "/primary"), args, seconds).await?;
+    let cluster_read = wrk(&url(1, "/cluster"), args, seconds).await?;
+
+    let failover_idle_ms = failover(&cluster, 1).await?;
+    let new_primary = primary_of(&cluster).await?;
+    let old: Vec<NodeId> = ids
+        .iter()
+        .copied()
+        .filter(|id| *id != new_primary)
+        .collect();
+    cluster
+        .wait_streaming(new_primary, &old, Duration::from_secs(60))
+        .await
+        .context("the old primary rejoining")?;
+    let loads: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let url = url(*id, "/primary");
+            let args = args.clone();
+            tokio::spawn(async move { wrk(&url, &args, seconds + 5).await })
+        })
+        .collect();
+    // Let the load settle before the fault.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let failover_loaded_ms = failover(&cluster, new_primary).await?;
+    for load in loads {
+        load.await??;
+    }
+    Ok(ApiRun {
+        primary,
+        cluster: cluster_read,
+        failover_idle_ms,
+        failover_loaded_ms,
+    })
+}
+
+async fn primary_of(cluster: &LocalCluster) -> anyhow::Result<NodeId> {
+    let view = cluster.view(cluster.ids()[1]).await?;
+    view.state.primary.context("no primary")
+}
+
+/// `kill -9` of `old`'s postmaster; the milliseconds until another node is seen the ready
+/// primary of a newer generation.
+async fn failover(cluster: &LocalCluster, old: NodeId) -> anyhow::Result<f64> {
+    let others: Vec<NodeId> = cluster.ids().into_iter().filter(|id| *id != old).collect();
+    let generation = cluster.view(others[0]).await?.state.generation;
+    let fault = Instant::now();
+    cluster.kill_postmaster(old)?;
+    wait::until("a new primary", Duration::from_secs(60), || async {
+        let view = cluster.view(others[0]).await.map_err(|e| e.to_string())?;
+        let s = &view.state;
+        match s.primary {
+            Some(p) if p != old && s.generation > generation && s.primary_ready => Ok(()),
+            _ => Err(format!(
+                "generation {} primary {:?}",
+                s.generation, s.primary
+            )),
+        }
+    })
+    .await?;
+    Ok(fault.elapsed().as_secs_f64() * 1000.0)
+}
+
+/// Runs wrk against `url` and reads its summary.
+async fn wrk(url: &str, args: &BenchApiArgs, seconds: u64) -> anyhow::Result<WrkResult> {
+    let out = tokio::process::Command::new("wrk")
+        .args(["--latency", "-t"])
+        .arg(args.threads.to_string())
+        .arg("-c")
+        .arg(args.connections.to_string())
+        .arg("-d")
+        .arg(format!("{seconds}s"))
+        .arg(url)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .context("running wrk (Debian package wrk)")?;
+    if !out.status.success() {
+        bail!("wrk failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    parse_wrk(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// Reads requests/s, the 50 % and 99 % latencies and the errors from wrk's `--latency` output.
+pub fn parse_wrk(text: &str) -> anyhow::Result<WrkResult> {
+    let field = |prefix: &str| {
+        text.lines()
+            .map(str::trim)
+            .find_map(|l| l.strip_prefix(prefix))
+            .map(str::trim)
+    };
+    let requests_per_s: f64 = field("Requests/sec:")
+        .context("no Requests/sec in wrk's output")?
+        .parse()?;
+    let p50_ms = latency_ms(field("50%").context("no 50% latency in wrk's output")?)?;
+    let p99_ms = latency_ms(field("99%").context("no 99% latency in wrk's output")?)?;
+    let non_2xx: u64 = field("Non-2xx or 3xx responses:").map_or(Ok(0), str::parse)?;
+    let socket_errors: u64 = field("Socket errors:")
+        .map(|rest| {
+            rest.split(',')
+                .filter_map(|part| part.split_whitespace().last()?.parse::<u64>().ok())
+                .sum()
+        })
+        .unwrap_or(0);
+    Ok(WrkResult {
+        requests_per_s,
+        p50_ms,
+        p99_ms,
+        errors: non_2xx + socket_errors,
+    })
+}
+
+fn latency_ms(text: &str) -> anyhow::Result<f64> {
+    let (number, unit) = text
+        .find(|c: char| c.is_ascii_alphabetic())
+        .map(|i| text.split_at(i))
+        .with_context(|| format!("no unit in latency {text:?}"))?;
+    let value: f64 = number.trim().parse()?;
+    Ok(match unit.trim() {
+        "us" => value / 1000.0,
+        "ms" => value,
+        "s" => value * 1000.0,
+        other => bail!("unknown latency unit {other:?}"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_wrks_summary() {
+        let text = "Running 10s test @ http://127.0.0.1:8001/primary\n\
+  1 threads and 32 connections\n\
+  Thread Stats   Avg      Stdev     Max   +/- Stdev\n\
+    Latency     1.21ms  310.50us   9.80ms   88.00%\n\
+    Req/Sec    26.51k     1.20k   28.10k    70.00%\n\
+  Latency Distribution\n\
+     50%    1.15ms\n\
+     75%    1.30ms\n\
+     90%    1.55ms\n\
+     99%  850.00us\n\
+  263812 requests in 10.00s, 40.25MB read\n\
+  Socket errors: connect 0, read 2, write 0, timeout 1\n\
+  Non-2xx or 3xx responses: 5\n\
+Requests/sec:  26380.12\n\
+Transfer/sec:      4.02MB\n";
+        let r = parse_wrk(text).expect("parses");
+        assert_eq!(r.requests_per_s, 26380.12);
+        assert_eq!(r.p50_ms, 1.15);
+        assert_eq!(r.p99_ms, 0.85);
+        assert_eq!(r.errors, 8);
+        assert!(parse_wrk("garbage").is_err());
+    }
+}
