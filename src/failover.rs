@@ -569,7 +569,7 @@ impl Executor {
             node_id: self.me,
             generation,
             method: RejoinMethod::Reclone,
-            reason: format!("pg_rewind failed: {}", why.lines().last().unwrap_or(why)),
+            reason: format!("pg_rewind failed: {}", telling_line(why)),
         };
         self.proposer.propose(plan).await?;
         let (pg, name, upstream) = (self.pg.clone(), self.name.clone(), conninfo.to_string());
@@ -839,4 +839,32 @@ async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
 ) -> anyhow::Result<T> {
     tokio::task::spawn_blocking(f).await?
+}
+
+/// The line of a failed program's output that says why: its first error (pg_rewind's own, or
+/// PostgreSQL's FATAL/PANIC from the crash recovery it runs), else the last line.
+fn telling_line(output: &str) -> &str {
+    let lines = || output.lines().map(str::trim).filter(|l| !l.is_empty());
+    lines()
+        .find(|l| l.contains("error:") || l.contains("FATAL") || l.contains("PANIC"))
+        .or_else(|| lines().next_back())
+        .unwrap_or(output)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_telling_line_of_a_failed_rewind_is_its_error() {
+        let output = "pg_rewind: executing postgres for target server to complete crash recovery\n\
+                      2026-11-30 LOG:  database system was interrupted\n\
+                      2026-11-30 PANIC:  could not locate a valid checkpoint record\n\
+                      backend>\n";
+        assert_eq!(
+            telling_line(output),
+            "2026-11-30 PANIC:  could not locate a valid checkpoint record"
+        );
+        assert_eq!(telling_line("one\ntwo\n"), "two");
+    }
 }
