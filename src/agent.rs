@@ -86,10 +86,8 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
     initial_members.insert(node_id, config.member());
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let rejoin_requested = config
-        .postgres
-        .as_ref()
-        .map(|_| Arc::new(std::sync::atomic::AtomicBool::new(false)));
+    let (requests, requests_rx) =
+        tokio::sync::mpsc::channel::<raftmgr_api::LocalRequest>(raftmgr_api::LOCAL_REQUESTS_MAX);
     let local = config
         .postgres
         .as_ref()
@@ -104,12 +102,19 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
             store: store.view.clone(),
             timing: config.file.failover.clone(),
             agent_data_dir: config.file.data_dir.clone(),
-            rejoin_requested: rejoin_requested.clone().expect("set with [postgres]"),
+            requests: Arc::new(std::sync::Mutex::new(requests_rx)),
             local: local.clone().expect("set with [postgres]"),
         };
         tokio::spawn(supervisor.run(stop_rx.clone()));
     }
 
+    let promotions = raftmgr_api::PromotionClock::new(&store.view.cluster_state());
+    tokio::spawn(raftmgr_api::track_promotions(
+        promotions.clone(),
+        store.view.clone(),
+        raft.metrics(),
+        stop_rx.clone(),
+    ));
     let api = raftmgr_api::Api {
         node_id,
         node_name: config.file.name.clone(),
@@ -118,7 +123,9 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
         proposer,
         api_token: config.api_token.as_str().into(),
         initial_members,
-        rejoin_requested,
+        requests: config.postgres.as_ref().map(|_| requests),
+        decide_config: crate::failover::decide_config(&config.file.failover),
+        promotions: promotions.clone(),
         local,
         config: Arc::new(config.redacted_json()),
         shutdown: stop_rx.clone(),

@@ -3,8 +3,11 @@
 //! registration is an event committed through the node's agent.
 
 use anyhow::{bail, Context};
-use raftmgr_api::{ClusterView, ProposeAnswer, SwitchoverAnswer, SwitchoverRequest};
-use raftmgr_raft::{Event, NodeId, NodeRegistration, Outcome, PgRole};
+use raftmgr_api::{
+    ClusterView, FailoverAnswer, FailoverRequest, ProposeAnswer, SwitchoverAnswer,
+    SwitchoverRequest,
+};
+use raftmgr_raft::{Event, NodeId, NodeRegistration, Outcome, PgRole, RejoinMethod};
 
 use crate::client::Client;
 use crate::config::{NodeConfig, PgSettings};
@@ -351,17 +354,109 @@ pub async fn switchover(
     }
 }
 
+/// `raftmgr failover --to NODE`: requests a manual failover, then waits for the new primary.
+/// Fails when the request lapses (the primary renewed its lease: it is alive).
+pub async fn failover(client: &Client, candidate: String, json: bool) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let request = FailoverRequest {
+        leader: None,
+        candidate: Some(candidate),
+    };
+    let answer: FailoverAnswer = client.post("/failover", &request).await?;
+    if !json {
+        println!(
+            "failover from {} to {} requested (log index {})",
+            answer.from, answer.candidate, answer.log_index
+        );
+    }
+    let deadline = std::time::Instant::now() + SWITCHOVER_TIMEOUT;
+    loop {
+        let view = client.cluster().await?;
+        let state = &view.state;
+        if state.generation > answer.generation && state.primary_ready {
+            let name = state
+                .primary
+                .and_then(|p| state.nodes.get(&p))
+                .map_or("?".to_string(), |n| n.registration.name.clone());
+            let seconds = started.elapsed().as_secs_f64();
+            if json {
+                let outcome = serde_json::json!({
+                    "from": answer.from,
+                    "candidate": answer.candidate,
+                    "requested_at_log_index": answer.log_index,
+                    "primary": name,
+                    "generation": state.generation,
+                    "seconds": seconds,
+                });
+                println!("{}", serde_json::to_string_pretty(&outcome)?);
+            } else {
+                println!(
+                    "{name} is the primary (generation {}) after {seconds:.2} s",
+                    state.generation
+                );
+            }
+            return Ok(());
+        }
+        // Judged only once this member has applied the request (it asked the leader to).
+        let lapsed = state.generation == answer.generation
+            && state.last_event_log_index >= answer.log_index
+            && state
+                .pending_failover()
+                .is_none_or(|f| f.log_index != answer.log_index);
+        if lapsed {
+            bail!(
+                "the failover request lapsed: the primary {} renewed its lease, so it is alive; \
+                 use `raftmgr switchover` (see `raftmgr cluster events`)",
+                answer.from
+            );
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!(
+                "no new primary within {SWITCHOVER_TIMEOUT:?}; the request is still pending (the \
+                 old primary's lease may live, or {} is not eligible): see `raftmgr cluster \
+                 events` and the leader's log",
+                answer.candidate
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// `raftmgr node restart`: this node's PostgreSQL stopped cleanly and started again; returns
+/// once it runs.
+pub async fn node_restart(node: &NodeConfig) -> anyhow::Result<()> {
+    let client = Client::for_node(node);
+    let started = std::time::Instant::now();
+    let _: serde_json::Value = client.post("/restart", &serde_json::json!({})).await?;
+    println!(
+        "{}: PostgreSQL restarted in {:.1} s",
+        node.file.name,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 /// `raftmgr node rejoin`: asks this node's agent to rewind its PostgreSQL from the current
 /// primary and start it as a standby, then waits for the `RejoinCompleted` event.
 pub async fn node_rejoin(node: &NodeConfig) -> anyhow::Result<()> {
+    rejoin_by(node, "/rejoin", "rejoin").await
+}
+
+/// `raftmgr node reinitialize`: asks this node's agent to clone it afresh from the primary,
+/// then waits for the `RejoinCompleted` event.
+pub async fn node_reinitialize(node: &NodeConfig) -> anyhow::Result<()> {
+    rejoin_by(node, "/reinitialize", "reinitialize").await
+}
+
+async fn rejoin_by(node: &NodeConfig, path: &str, what: &str) -> anyhow::Result<()> {
     let client = Client::for_node(node);
     let before = client
         .cluster_consistent()
         .await?
         .state
         .last_event_log_index;
-    let _: serde_json::Value = client.post("/rejoin", &serde_json::json!({})).await?;
-    println!("{}: rejoin requested", node.file.name);
+    let _: serde_json::Value = client.post(path, &serde_json::json!({})).await?;
+    println!("{}: {what} requested", node.file.name);
     let deadline = std::time::Instant::now() + SWITCHOVER_TIMEOUT;
     loop {
         let view = client.cluster().await?;
@@ -369,14 +464,22 @@ pub async fn node_rejoin(node: &NodeConfig) -> anyhow::Result<()> {
             Event::RejoinCompleted {
                 node_id,
                 duration_ms,
+                method,
                 ..
-            } if *node_id == node.file.node_id && e.log_index > before => Some(*duration_ms),
+            } if *node_id == node.file.node_id && e.log_index > before => {
+                Some((*duration_ms, *method))
+            }
             _ => None,
         });
-        if let Some(ms) = done {
+        if let Some((ms, method)) = done {
             println!(
-                "{} rejoined as a standby (pg_rewind and start took {ms} ms)",
-                node.file.name
+                "{} rejoined as a standby ({} and start took {ms} ms)",
+                node.file.name,
+                match method {
+                    RejoinMethod::Reclone => "a fresh clone",
+                    RejoinMethod::Rewind => "pg_rewind",
+                    RejoinMethod::Follow => "repointing",
+                }
             );
             return Ok(());
         }

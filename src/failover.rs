@@ -5,6 +5,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use anyhow::Context;
+
+use raftmgr_api::LocalRequest;
 use raftmgr_raft::decide::{self, CandidateProbe, DecideConfig, LeaderView};
 use raftmgr_raft::forward::Proposer;
 use raftmgr_raft::reconcile::{self, Action, Local};
@@ -248,6 +251,15 @@ async fn fence(pg: &Pg, lease: &Lease) {
     }
 }
 
+/// `decide`'s settings from the `[failover]` section.
+pub fn decide_config(timing: &FailoverSection) -> DecideConfig {
+    DecideConfig {
+        lease_timeout_ms: timing.lease_timeout_ms(),
+        maximum_lag_on_failover_bytes: timing.maximum_lag_on_failover_bytes,
+        synchronous: timing.synchronous_mode != SynchronousMode::Off,
+    }
+}
+
 /// On the Raft leader: watches the lease and proposes a promotion when `decide` says so.
 pub async fn decide_loop(
     raft: Raft,
@@ -257,11 +269,7 @@ pub async fn decide_loop(
     timing: FailoverSection,
     mut stop: watch::Receiver<bool>,
 ) {
-    let config = DecideConfig {
-        lease_timeout_ms: timing.lease_timeout_ms(),
-        maximum_lag_on_failover_bytes: timing.maximum_lag_on_failover_bytes,
-        synchronous: timing.synchronous_mode != SynchronousMode::Off,
-    };
+    let config = decide_config(&timing);
     let mut ticker = tokio::time::interval(Duration::from_millis(timing.decide_interval_ms));
     let mut last_key = None;
     let mut last_change = Instant::now();
@@ -368,8 +376,8 @@ pub struct Executor {
     pub proposer: Proposer,
     pub lease: Arc<Lease>,
     pub timing: FailoverSection,
-    /// `raftmgr node rejoin` asked for a rewind from the primary.
-    pub rejoin_requested: Arc<std::sync::atomic::AtomicBool>,
+    /// Operators' requests (`POST /rejoin`, `/restart`, `/reinitialize`).
+    pub requests: Arc<Mutex<tokio::sync::mpsc::Receiver<LocalRequest>>>,
     /// What this step measured, for the API's load-balancer checks.
     pub local: Arc<std::sync::RwLock<raftmgr_api::LocalPostgres>>,
 }
@@ -436,11 +444,25 @@ impl Executor {
             lease_held: local.lease_held,
             timeline: status.and_then(|s| s.timeline),
         };
-        let asked = self
-            .rejoin_requested
-            .swap(false, std::sync::atomic::Ordering::SeqCst);
-        let action = match (asked, state.primary) {
-            (true, Some(primary)) if primary != self.me => Some(Action::Rewind { primary }),
+        let request = self.requests.lock().expect("requests lock").try_recv().ok();
+        let action = match (request, state.primary) {
+            (Some(LocalRequest::Rejoin), Some(primary)) if primary != self.me => {
+                Some(Action::Rewind { primary })
+            }
+            (Some(LocalRequest::Restart { done }), _) => {
+                let restarted = self.restart(state, memory).await;
+                if let Err(e) = &restarted {
+                    tracing::error!("restart failed: {e:#}");
+                }
+                let _ = done.send(restarted.map_err(|e| format!("{e:#}")));
+                return;
+            }
+            (Some(LocalRequest::Reinitialize), _) => {
+                if let Err(e) = self.reinitialize(state, memory).await {
+                    tracing::error!("reinitialize failed: {e:#}");
+                }
+                return;
+            }
             _ => reconcile::reconcile(state, self.me, &local),
         };
         let Some(action) = action else {
@@ -556,25 +578,26 @@ impl Executor {
         Ok(())
     }
 
-    /// pg_rewind could not work: keep the data directory aside and clone again from the primary.
+    /// A fresh clone from the primary, the data directory kept aside as `<dir>.<aside>-<time>`
+    /// (used when pg_rewind cannot work, and by `POST /reinitialize`); planned as a
+    /// `RejoinPlanned` event with `reason`. PostgreSQL must be stopped.
     async fn reclone(
         &self,
         generation: u64,
-        primary: NodeId,
         conninfo: &str,
-        why: &str,
+        reason: String,
+        aside: &'static str,
     ) -> anyhow::Result<()> {
-        tracing::error!("pg_rewind failed: {why}; cloning again from node {primary}");
         let plan = Event::RejoinPlanned {
             node_id: self.me,
             generation,
             method: RejoinMethod::Reclone,
-            reason: format!("pg_rewind failed: {}", telling_line(why)),
+            reason,
         };
         self.proposer.propose(plan).await?;
         let (pg, name, upstream) = (self.pg.clone(), self.name.clone(), conninfo.to_string());
         blocking(move || {
-            let aside = pg.move_data_aside()?;
+            let aside = pg.move_data_aside(aside)?;
             tracing::warn!(
                 "the old data directory is kept at {}; remove it once it is no longer needed",
                 aside.display()
@@ -582,6 +605,88 @@ impl Executor {
             pg.prepare_dirs()?;
             pg.basebackup(&upstream, &crate::pg::slot_name(&name), false)
         })
+        .await
+    }
+
+    /// `POST /restart`: stops PostgreSQL cleanly and starts it again in its role. Not a crash
+    /// and not a stop by hand (`expected_down`), so a primary neither resigns nor fails over:
+    /// its lease is renewed meanwhile, and it starts writable again only while it holds it
+    /// (invariant 8). Anything else starts with standby.signal, so never writable.
+    async fn restart(
+        &self,
+        state: &ClusterState,
+        memory: &mut ExecutorMemory,
+    ) -> anyhow::Result<()> {
+        let primary = state.primary == Some(self.me) && !state.primary_resigned;
+        anyhow::ensure!(
+            !primary || state.primary_ready,
+            "this node is being promoted; not restarting it now"
+        );
+        tracing::warn!("restarting PostgreSQL as asked (POST /restart)");
+        memory.expected_down = true;
+        let pg = self.pg.clone();
+        blocking(move || match pg.run_state() {
+            RunState::Running { .. } => pg.stop("fast"),
+            RunState::Stopped => Ok(()),
+        })
+        .await?;
+        self.lease.set_writable(false);
+        let pg = self.pg.clone();
+        if primary {
+            anyhow::ensure!(
+                self.lease.held_for(state.generation),
+                "stopped, but this node no longer holds the primary's lease: not starting it \
+                 writable (the executor takes over)"
+            );
+            if let Err(e) = blocking(move || pg.start()).await {
+                // It stopped cleanly and cannot start: from now on that is a primary stopped
+                // outside the agent's plan, which resigns unless the cluster is paused.
+                memory.expected_down = false;
+                return Err(e.context("starting the primary again"));
+            }
+        } else {
+            blocking(move || {
+                pg.write_standby_signal()?;
+                pg.start()
+            })
+            .await?;
+        }
+        tracing::warn!("PostgreSQL restarted");
+        Ok(())
+    }
+
+    /// `POST /reinitialize`: a fresh clone of this standby from the primary, then start it as
+    /// its standby; reported as RejoinPlanned and RejoinCompleted (method `reclone`).
+    async fn reinitialize(
+        &self,
+        state: &ClusterState,
+        memory: &mut ExecutorMemory,
+    ) -> anyhow::Result<()> {
+        let primary = state
+            .primary
+            .filter(|p| *p != self.me && state.primary_ready && !state.primary_resigned)
+            .context("there is no running primary to clone from, or this node is it")?;
+        let started = Instant::now();
+        let conninfo = self.conninfo_of(state, primary)?;
+        self.ensure_slot(&conninfo).await?;
+        memory.expected_down = true;
+        let pg = self.pg.clone();
+        blocking(move || match pg.run_state() {
+            RunState::Running { .. } => pg.stop("fast"),
+            RunState::Stopped => Ok(()),
+        })
+        .await?;
+        self.lease.set_writable(false);
+        let reason = "reinitialize requested by an operator (POST /reinitialize)".to_string();
+        self.reclone(state.generation, &conninfo, reason, "reinitialized")
+            .await?;
+        self.start_rejoined(
+            state.generation,
+            primary,
+            conninfo,
+            RejoinMethod::Reclone,
+            started,
+        )
         .await
     }
 
@@ -778,7 +883,7 @@ impl Executor {
             probe::connect(&self.pg.peer_conninfo(&conninfo, "postgres"), PROBE_TIMEOUT).await?;
         source.batch_execute("CHECKPOINT").await?;
         self.ensure_slot(&conninfo).await?;
-        let (pg, name, upstream) = (self.pg.clone(), self.name.clone(), conninfo.clone());
+        let (pg, upstream) = (self.pg.clone(), conninfo.clone());
         let rewound = blocking(move || {
             if let RunState::Running { .. } = pg.run_state() {
                 pg.stop("fast")?;
@@ -795,13 +900,30 @@ impl Executor {
                 RejoinMethod::Rewind
             }
             Err(e) if self.timing.reclone_on_rewind_failure => {
-                self.reclone(generation, primary, &conninfo, &format!("{e:#}"))
+                let why = format!("{e:#}");
+                tracing::error!("pg_rewind failed: {why}; cloning again from node {primary}");
+                let reason = format!("pg_rewind failed: {}", telling_line(&why));
+                self.reclone(generation, &conninfo, reason, "rewind-failed")
                     .await?;
                 RejoinMethod::Reclone
             }
             Err(e) => return Err(e.context("pg_rewind failed (reclone_on_rewind_failure is off)")),
         };
-        let (pg, name) = (self.pg.clone(), name);
+        self.start_rejoined(generation, primary, conninfo, method, started)
+            .await
+    }
+
+    /// Points a rewound or cloned data directory at `primary`, starts it as its standby, and
+    /// reports `RejoinCompleted`.
+    async fn start_rejoined(
+        &self,
+        generation: u64,
+        primary: NodeId,
+        conninfo: String,
+        method: RejoinMethod,
+        started: Instant,
+    ) -> anyhow::Result<()> {
+        let (pg, name) = (self.pg.clone(), self.name.clone());
         blocking(move || {
             pg.write_config(
                 &name,

@@ -66,6 +66,18 @@ enum Command {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Manual failover to a named standby, when automatic failover cannot act: the cluster is
+    /// paused, or the primary is down or resigned. Waits for the new primary.
+    Failover {
+        #[command(flatten)]
+        target: client::Target,
+        /// The node to promote.
+        #[arg(long, value_name = "NODE")]
+        to: String,
+        /// Print the outcome as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Maintenance mode: no automatic failover until `resume`.
     Pause {
         #[command(flatten)]
@@ -138,6 +150,12 @@ enum NodeCommand {
     /// Rewind this node's PostgreSQL from the current primary and start it as a standby (its
     /// agent does it, and reports RejoinPlanned/RejoinCompleted).
     Rejoin(ConfigArg),
+    /// Restart this node's PostgreSQL (stop cleanly, start again in its role; the primary in
+    /// place, without a failover).
+    Restart(ConfigArg),
+    /// Clone this standby afresh from the primary (its data directory is kept aside) and start
+    /// it as a standby. Refused on the primary.
+    Reinitialize(ConfigArg),
     /// Remove a node's registration (default: this node). The primary cannot be unregistered.
     Unregister {
         #[command(flatten)]
@@ -388,6 +406,14 @@ async fn run_command(command: Command) -> anyhow::Result<()> {
             commands::switchover(&client, Some(node.file.name.clone()), true).await?
         }
         Command::Node(NodeCommand::Rejoin(c)) => commands::node_rejoin(&load(&c)?).await?,
+        Command::Node(NodeCommand::Restart(c)) => commands::node_restart(&load(&c)?).await?,
+        Command::Node(NodeCommand::Reinitialize(c)) => {
+            commands::node_reinitialize(&load(&c)?).await?
+        }
+        Command::Failover { target, to, json } => {
+            let client = client::Client::new(&target)?;
+            commands::failover(&client, to, json).await?
+        }
         Command::Node(NodeCommand::Status { config, json }) => {
             commands::node_status(&load(&config)?, json).await?
         }

@@ -36,8 +36,8 @@ pub struct Supervisor {
     pub timing: FailoverSection,
     /// The agent's own folder (the lease guard's files live there).
     pub agent_data_dir: std::path::PathBuf,
-    /// Set by `POST /rejoin`.
-    pub rejoin_requested: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Operators' requests from the API (`POST /rejoin`, `/restart`, `/reinitialize`).
+    pub requests: std::sync::Arc<std::sync::Mutex<mpsc::Receiver<raftmgr_api::LocalRequest>>>,
     /// Published for the API's load-balancer checks.
     pub local: std::sync::Arc<std::sync::RwLock<raftmgr_api::LocalPostgres>>,
 }
@@ -115,7 +115,7 @@ impl Supervisor {
             proposer: self.proposer.clone(),
             lease,
             timing: self.timing.clone(),
-            rejoin_requested: self.rejoin_requested.clone(),
+            requests: self.requests.clone(),
             local: self.local.clone(),
         };
         self.watch_local(executor, tx, probe_interval, stop).await;

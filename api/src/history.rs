@@ -104,7 +104,7 @@ pub fn history(state: &ClusterState) -> Vec<HistoryEntry> {
 
 /// Whether the promotion that ended `generation` was a switchover or a failover, when the state
 /// still says.
-fn kind(state: &ClusterState, generation: u64, reason: &str) -> Option<HistoryKind> {
+pub(crate) fn kind(state: &ClusterState, generation: u64, reason: &str) -> Option<HistoryKind> {
     let requested = state
         .switchover
         .as_ref()

@@ -6,6 +6,7 @@
 
 mod follow;
 mod history;
+mod promotions;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
@@ -18,6 +19,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use openraft::error::{InitializeError, RaftError};
+use raftmgr_raft::decide::{self, CandidateProbe, DecideConfig};
 use raftmgr_raft::forward::{self, ForwardError, Proposer, Reply, Request};
 use raftmgr_raft::state::RecordedEvent;
 use raftmgr_raft::{ClusterState, Event, Member, NodeId, NodeSummary, Outcome, Raft};
@@ -27,6 +29,7 @@ use tokio::sync::watch;
 
 use follow::Selection;
 pub use history::{history, HistoryEntry, HistoryKind};
+pub use promotions::{track as track_promotions, PromotionClock, PromotionStats};
 
 /// The status page served at `GET /`: one HTML file with its script, no build step.
 const STATUS_PAGE: &str = include_str!("../status.html");
@@ -45,9 +48,15 @@ pub struct Api {
     pub api_token: Arc<str>,
     /// The members `POST /cluster/init` starts the cluster with (this node included).
     pub initial_members: BTreeMap<NodeId, Member>,
-    /// Set by `POST /rejoin`; the agent's executor rewinds this node at its next step. `None`
-    /// when the agent manages no PostgreSQL.
-    pub rejoin_requested: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// Operators' requests for this node's PostgreSQL (`POST /rejoin`, `/restart`,
+    /// `/reinitialize`), carried out by the agent's executor at its next step. `None` when the
+    /// agent manages no PostgreSQL.
+    pub requests: Option<tokio::sync::mpsc::Sender<LocalRequest>>,
+    /// The failover settings, for `POST /failover`'s checks of its candidate (the same checks
+    /// the leader's `decide` makes).
+    pub decide_config: DecideConfig,
+    /// Failovers and switchovers as this agent saw them applied, for `GET /metrics`.
+    pub promotions: Arc<PromotionClock>,
     /// What the agent last measured of its own PostgreSQL; `None` without `[postgres]`.
     pub local: Option<Arc<std::sync::RwLock<LocalPostgres>>>,
     /// This node's effective configuration for `GET /config`, rendered by the binary with its
@@ -56,6 +65,24 @@ pub struct Api {
     /// Becomes `true` when the agent shuts down: open event streams end then.
     pub shutdown: watch::Receiver<bool>,
 }
+
+/// What an operator asked of this node's PostgreSQL.
+#[derive(Debug)]
+pub enum LocalRequest {
+    /// pg_rewind from the primary, then start as its standby (`POST /rejoin`).
+    Rejoin,
+    /// A fresh clone from the primary, the old data directory kept aside
+    /// (`POST /reinitialize`).
+    Reinitialize,
+    /// Stop PostgreSQL cleanly and start it again in its role (`POST /restart`); `done` gets
+    /// the outcome.
+    Restart {
+        done: tokio::sync::oneshot::Sender<Result<(), String>>,
+    },
+}
+
+/// How many operator requests may wait for the executor; more are refused (409).
+pub const LOCAL_REQUESTS_MAX: usize = 4;
 
 /// The agent's latest measurement of its PostgreSQL, for the load-balancer checks.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -77,8 +104,11 @@ pub fn router(api: Api) -> Router {
         .route("/cluster/init", post(init))
         .route("/events", post(propose).get(events))
         .route("/switchover", post(switchover))
+        .route("/failover", post(failover))
         .route("/pause", post(pause))
         .route("/rejoin", post(rejoin))
+        .route("/restart", post(restart))
+        .route("/reinitialize", post(reinitialize))
         .route("/resume", post(resume))
         .route("/members", post(add_member))
         .route("/members/{node_id}", delete(remove_member))
@@ -646,15 +676,12 @@ async fn set_paused(api: &Api, event: Event, paused: bool) -> Result<Json<PauseA
     }))
 }
 
-/// `POST /rejoin` (this node): rewind this node's PostgreSQL from the current primary and start
-/// it as its standby, as `raftmgr node rejoin` does. Answered at once (202); the rejoin is
-/// reported as RejoinPlanned and RejoinCompleted events.
-async fn rejoin(
-    State(api): State<Api>,
-    headers: HeaderMap,
-) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
-    authorize(&api, &headers)?;
-    let Some(flag) = &api.rejoin_requested else {
+/// The request channel of this node's executor and the committed state (read linearizably),
+/// once this node is known to manage a registered PostgreSQL.
+async fn this_node(
+    api: &Api,
+) -> Result<(tokio::sync::mpsc::Sender<LocalRequest>, ClusterState), ApiError> {
+    let Some(requests) = &api.requests else {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "this agent manages no PostgreSQL",
@@ -668,23 +695,254 @@ async fn rejoin(
             format!("{} is not registered", api.node_name),
         ));
     }
+    Ok((requests.clone(), state))
+}
+
+/// Hands `request` to the executor, or refuses when too many wait already.
+fn hand_over(
+    requests: &tokio::sync::mpsc::Sender<LocalRequest>,
+    request: LocalRequest,
+) -> Result<(), ApiError> {
+    requests.try_send(request).map_err(|_| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "other requests for this node are still waiting; try again when they are done",
+        )
+    })
+}
+
+/// Refuses a rejoin or reinitialize of the primary, or when no primary runs to copy from.
+fn standby_with_a_primary(api: &Api, state: &ClusterState, verb: &str) -> Result<(), ApiError> {
     if state.primary == Some(api.node_id) {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
-            format!("{} is the primary; it does not rejoin", api.node_name),
+            format!("{} is the primary; it does not {verb}", api.node_name),
         ));
     }
     if !state.primary_ready || state.primary_resigned {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
-            "there is no running primary to rejoin",
+            format!("there is no running primary to {verb} from"),
         ));
     }
-    flag.store(true, std::sync::atomic::Ordering::SeqCst);
+    Ok(())
+}
+
+/// `POST /rejoin` (this node): rewind this node's PostgreSQL from the current primary and start
+/// it as its standby, as `raftmgr node rejoin` does. Answered at once (202); the rejoin is
+/// reported as RejoinPlanned and RejoinCompleted events.
+async fn rejoin(
+    State(api): State<Api>,
+    headers: HeaderMap,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    authorize(&api, &headers)?;
+    let (requests, state) = this_node(&api).await?;
+    standby_with_a_primary(&api, &state, "rejoin")?;
+    hand_over(&requests, LocalRequest::Rejoin)?;
     Ok((
         StatusCode::ACCEPTED,
         Json(serde_json::json!({ "rejoin": api.node_name, "generation": state.generation })),
     ))
+}
+
+/// `POST /reinitialize` (this node, Patroni's name): clone this standby afresh from the primary
+/// (its data directory is renamed aside, not deleted) and start it as its standby. Refused on
+/// the primary. Answered at once (202); reported as RejoinPlanned and RejoinCompleted with the
+/// method `reclone`.
+async fn reinitialize(
+    State(api): State<Api>,
+    headers: HeaderMap,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    authorize(&api, &headers)?;
+    let (requests, state) = this_node(&api).await?;
+    standby_with_a_primary(&api, &state, "reinitialize")?;
+    hand_over(&requests, LocalRequest::Reinitialize)?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "reinitialize": api.node_name, "generation": state.generation })),
+    ))
+}
+
+/// How long `POST /restart` waits for PostgreSQL to be stopped and started again.
+const RESTART_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// `POST /restart` (this node, Patroni's meaning): stop PostgreSQL cleanly and start it again
+/// in its role — the primary in place, as Patroni does: its agent keeps renewing the lease
+/// meanwhile and does not take a stop it made itself for a crash, so no failover follows (write
+/// unavailability lasts as long as the restart). Answered when PostgreSQL runs again.
+async fn restart(
+    State(api): State<Api>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    authorize(&api, &headers)?;
+    let (requests, state) = this_node(&api).await?;
+    if state.primary == Some(api.node_id) && (!state.primary_ready || state.primary_resigned) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "{} is the primary of generation {} but not a running one (being promoted, or \
+                 resigned); not restarting it now",
+                api.node_name, state.generation
+            ),
+        ));
+    }
+    let (done, outcome) = tokio::sync::oneshot::channel();
+    hand_over(&requests, LocalRequest::Restart { done })?;
+    match tokio::time::timeout(RESTART_TIMEOUT, outcome).await {
+        Ok(Ok(Ok(()))) => Ok(Json(serde_json::json!({ "restarted": api.node_name }))),
+        Ok(Ok(Err(e))) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("restart failed: {e}"),
+        )),
+        Ok(Err(_)) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the agent is shutting down",
+        )),
+        Err(_) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("PostgreSQL did not run again within {RESTART_TIMEOUT:?}; see the agent's log"),
+        )),
+    }
+}
+
+/// `POST /failover` (Patroni's field names): `candidate` is the node to promote (required);
+/// `leader`, if given, must name the current primary.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailoverRequest {
+    pub leader: Option<String>,
+    pub candidate: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct FailoverAnswer {
+    /// Where the `FailoverRequested` event was committed.
+    pub log_index: u64,
+    /// The generation failed over from; the new primary's is the next one.
+    pub generation: u64,
+    pub from: String,
+    pub candidate: String,
+}
+
+/// `POST /failover`: a manual failover to a named standby, for when automatic failover cannot
+/// act — the cluster is paused, or the primary is down or resigned. It commits a
+/// `FailoverRequested` event; the Raft leader's `decide` carries it out once the old primary's
+/// lease is dead (never before), if the candidate is still eligible on its fresh probe.
+/// Refused, with nothing changed, when the primary runs (use `/switchover`) or the candidate
+/// cannot be promoted (`decide::ineligibility`, judged here from the committed observations).
+async fn failover(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    body: Result<Json<FailoverRequest>, JsonRejection>,
+) -> Result<Json<FailoverAnswer>, ApiError> {
+    authorize(&api, &headers)?;
+    let Json(request) = body?;
+    let Some(name) = request.candidate else {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "say which node to promote: {\"candidate\": \"node2\"}",
+        ));
+    };
+    api.proposer.read_barrier().await?;
+    let state = api.store.cluster_state();
+    let refuse = |message: String| ApiError::new(StatusCode::CONFLICT, message);
+    let primary = state
+        .primary
+        .ok_or_else(|| refuse("there is no primary to fail over from".into()))?;
+    let name_of = |id: NodeId| {
+        state
+            .nodes
+            .get(&id)
+            .map(|n| n.registration.name.clone())
+            .unwrap_or_default()
+    };
+    let candidate = state
+        .node_by_name(&name)
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no node is called {name:?}")))?
+        .registration
+        .node_id;
+    if let Some(leader) = &request.leader {
+        if *leader != name_of(primary) {
+            return Err(refuse(format!(
+                "{leader} is not the primary; {} is",
+                name_of(primary)
+            )));
+        }
+    }
+    if candidate == primary {
+        return Err(refuse(format!("{name} is the primary")));
+    }
+    let summaries = state.node_summaries();
+    let status = |id: NodeId| {
+        summaries
+            .iter()
+            .find(|s| s.id == id)
+            .map_or("unknown", |s| s.status.as_str())
+    };
+    if !state.primary_resigned && state.primary_ready && status(primary) == "running" {
+        return Err(refuse(format!(
+            "the primary {} runs and holds its lease; use /switchover (raftmgr switchover) \
+             for a planned change of primary",
+            name_of(primary)
+        )));
+    }
+    let probe = if status(candidate) == "down" {
+        None // A majority of observers cannot reach it, whatever its last own probe said.
+    } else {
+        observed_probe(&state, candidate)
+    };
+    if let Some(why) = decide::ineligibility(
+        &state,
+        candidate,
+        probe.as_ref(),
+        decide::primary_lsn(&state),
+        &api.decide_config,
+    ) {
+        return Err(refuse(format!("{name} cannot be promoted: {why}")));
+    }
+    let event = Event::FailoverRequested {
+        generation: state.generation,
+        candidate,
+        reason: format!(
+            "POST /failover to {} on {}: the primary {} is {}",
+            name,
+            api.node_name,
+            name_of(primary),
+            if state.primary_resigned {
+                "resigned".to_string()
+            } else {
+                status(primary).to_string()
+            }
+        ),
+    };
+    let applied = api.proposer.propose(event).await?;
+    if let Outcome::NoOp { reason } = applied.outcome {
+        return Err(refuse(reason));
+    }
+    Ok(Json(FailoverAnswer {
+        log_index: applied.log_index,
+        generation: state.generation,
+        from: name_of(primary),
+        candidate: name,
+    }))
+}
+
+/// What the committed observations say a candidate's PostgreSQL answered last: its own probe
+/// if it was reachable, else a peer's; `None` when no observer reached it.
+fn observed_probe(state: &ClusterState, id: NodeId) -> Option<CandidateProbe> {
+    let node = state.nodes.get(&id)?;
+    let reachable = |o: &&raftmgr_raft::Observation| o.reachable;
+    let observation = node
+        .health
+        .get(&id)
+        .map(|h| &h.observation)
+        .filter(reachable)
+        .or_else(|| node.health.values().map(|h| &h.observation).find(reachable))?;
+    Some(CandidateProbe {
+        in_recovery: observation.in_recovery?,
+        received_lsn: observation.lsn,
+        replayed_lsn: observation.replayed_lsn,
+    })
 }
 
 /// The body of the load-balancer checks (Patroni-like).
@@ -835,15 +1093,17 @@ async fn metrics(State(api): State<Api>) -> impl IntoResponse {
         .map(|l| l.read().expect("local status lock").clone());
     let node = format!("node=\"{}\"", api.node_name);
     let mut out = String::new();
-    let mut gauge = |name: &str, help: &str, samples: Vec<(String, f64)>| {
+    let mut metric = |kind: &str, name: &str, help: &str, samples: Vec<(String, f64)>| {
         let _ = writeln!(
             out,
-            "# HELP raftmgr_{name} {help}\n# TYPE raftmgr_{name} gauge"
+            "# HELP raftmgr_{name} {help}\n# TYPE raftmgr_{name} {kind}"
         );
         for (labels, value) in samples {
             let _ = writeln!(out, "raftmgr_{name}{{{labels}}} {value}");
         }
     };
+    let mut gauge =
+        |name: &str, help: &str, samples: Vec<(String, f64)>| metric("gauge", name, help, samples);
     let flag = |b: bool| if b { 1.0 } else { 0.0 };
     gauge(
         "raft_term",
@@ -924,6 +1184,33 @@ async fn metrics(State(api): State<Api>) -> impl IntoResponse {
         "replication_lag_bytes",
         "Replay lag of each standby as its upstream last reported it.",
         lag,
+    );
+    let promotions = api.promotions.stats();
+    metric(
+        "counter",
+        "failovers_total",
+        "Failovers (automatic or manual) this agent saw decided since it started.",
+        vec![(node.clone(), promotions.failovers as f64)],
+    );
+    metric(
+        "counter",
+        "switchovers_total",
+        "Switchovers this agent saw decided since it started.",
+        vec![(node.clone(), promotions.switchovers as f64)],
+    );
+    let last: Vec<(String, f64)> = [
+        ("failover", promotions.last_failover),
+        ("switchover", promotions.last_switchover),
+    ]
+    .into_iter()
+    .filter_map(|(kind, took)| Some((format!("{node},kind=\"{kind}\""), took?.as_secs_f64())))
+    .collect();
+    metric(
+        "gauge",
+        "last_promotion_duration_seconds",
+        "The last failover's and switchover's duration, from applying PromotionDecided to \
+         applying PromotionCompleted, on this agent's monotonic clock.",
+        last,
     );
     (
         [(

@@ -52,39 +52,93 @@ pub struct LeaderView {
     pub paused: bool,
 }
 
-/// Why failover is due, if it is.
+/// Why failover is due, if it is. While paused only a manual failover request
+/// ([`ClusterState::pending_failover`]) makes it due, and it too waits for the old primary's
+/// lease to be dead.
 pub fn failover_reason(
     state: &ClusterState,
     view: &LeaderView,
     config: &DecideConfig,
 ) -> Option<String> {
     let primary = state.primary?;
-    if view.paused || state.paused {
+    let manual = state.pending_failover();
+    if (view.paused || state.paused) && manual.is_none() {
         return None;
     }
-    if state.primary_resigned {
-        return Some(format!(
-            "node {primary} resigned in generation {}",
-            state.generation
-        ));
-    }
-    (view.lease_silence_ms >= config.lease_timeout_ms).then(|| {
+    let why = if state.primary_resigned {
+        format!("node {primary} resigned in generation {}", state.generation)
+    } else if view.lease_silence_ms >= config.lease_timeout_ms {
         format!(
             "no lease renewal from node {primary} for {} ms (timeout {} ms)",
             view.lease_silence_ms, config.lease_timeout_ms
         )
+    } else {
+        return None;
+    };
+    Some(match manual {
+        Some(m) => format!(
+            "{why}; manual failover to node {} requested at log index {}",
+            m.candidate, m.log_index
+        ),
+        None => why,
     })
+}
+
+/// The old primary's last LSN as it reported it itself.
+pub fn primary_lsn(state: &ClusterState) -> Option<u64> {
+    let primary = state.primary?;
+    state
+        .nodes
+        .get(&primary)
+        .and_then(|n| n.health.get(&primary))
+        .and_then(|h| h.observation.lsn)
+}
+
+/// Why node `id` may not be promoted now, or `None` when it may. `probe` is what its
+/// PostgreSQL answered (`None`: unreachable); `primary_lsn` the old primary's last known LSN.
+/// The API's `POST /failover` asks the same question before it files a request.
+pub fn ineligibility(
+    state: &ClusterState,
+    id: NodeId,
+    probe: Option<&CandidateProbe>,
+    primary_lsn: Option<u64>,
+    config: &DecideConfig,
+) -> Option<String> {
+    let Some(node) = state.nodes.get(&id) else {
+        return Some("not registered".to_string());
+    };
+    let lsn = probe.and_then(|p| p.lsn());
+    if state.primary == Some(id) {
+        Some("the primary".to_string())
+    } else if node.registration.nofailover {
+        Some("tagged nofailover".to_string())
+    } else if config.synchronous && !state.sync_set.contains(&id) {
+        Some("not in the synchronous set (it may lack acknowledged commits)".to_string())
+    } else if probe.is_none() {
+        Some("unreachable".to_string())
+    } else if probe.is_some_and(|p| !p.in_recovery) {
+        Some("not in recovery".to_string())
+    } else if lsn.is_none() {
+        Some("no WAL position".to_string())
+    } else {
+        match (primary_lsn, lsn) {
+            (Some(p), Some(c)) if p.saturating_sub(c) > config.maximum_lag_on_failover_bytes => {
+                Some(format!(
+                    "{} bytes behind the old primary's last known LSN (limit {})",
+                    p - c,
+                    config.maximum_lag_on_failover_bytes
+                ))
+            }
+            _ => None,
+        }
+    }
 }
 
 /// The promotion to propose now, if any.
 pub fn decide(state: &ClusterState, view: &LeaderView, config: &DecideConfig) -> Option<Event> {
     let reason = failover_reason(state, view, config)?;
     let primary = state.primary?;
-    let primary_lsn = state
-        .nodes
-        .get(&primary)
-        .and_then(|n| n.health.get(&primary))
-        .and_then(|h| h.observation.lsn);
+    let primary_lsn = primary_lsn(state);
 
     let mut eligible: Vec<(NodeId, u64, u32)> = Vec::new();
     let mut assessments: BTreeMap<NodeId, CandidateAssessment> = BTreeMap::new();
@@ -95,30 +149,7 @@ pub fn decide(state: &ClusterState, view: &LeaderView, config: &DecideConfig) ->
         let r = &node.registration;
         let probe = view.probes.get(id);
         let lsn = probe.and_then(|p| p.lsn());
-        let not_eligible = if r.nofailover {
-            Some("tagged nofailover".to_string())
-        } else if config.synchronous && !state.sync_set.contains(id) {
-            Some("not in the synchronous set (it may lack acknowledged commits)".to_string())
-        } else if probe.is_none() {
-            Some("unreachable".to_string())
-        } else if probe.is_some_and(|p| !p.in_recovery) {
-            Some("not in recovery".to_string())
-        } else if lsn.is_none() {
-            Some("no WAL position".to_string())
-        } else {
-            match (primary_lsn, lsn) {
-                (Some(p), Some(c))
-                    if p.saturating_sub(c) > config.maximum_lag_on_failover_bytes =>
-                {
-                    Some(format!(
-                        "{} bytes behind the old primary's last known LSN (limit {})",
-                        p - c,
-                        config.maximum_lag_on_failover_bytes
-                    ))
-                }
-                _ => None,
-            }
-        };
+        let not_eligible = ineligibility(state, *id, probe, primary_lsn, config);
         if let (None, Some(lsn)) = (&not_eligible, lsn) {
             eligible.push((*id, lsn, r.priority));
         }
@@ -134,17 +165,31 @@ pub fn decide(state: &ClusterState, view: &LeaderView, config: &DecideConfig) ->
         );
     }
     // Highest LSN, then highest priority, then lowest id; a switchover's named candidate first
-    // when it is eligible (it has replayed the old primary's final WAL if it streamed).
-    let target = state.pending_switchover().and_then(|s| s.candidate);
+    // when it is eligible (it has replayed the old primary's final WAL if it streamed), and so
+    // a manual failover's. While paused, a manual failover promotes its candidate or nobody.
+    let manual = state.pending_failover().map(|f| f.candidate);
+    let target = state
+        .pending_switchover()
+        .and_then(|s| s.candidate)
+        .or(manual);
+    let only_target = manual.is_some() && (view.paused || state.paused);
+    if only_target {
+        eligible.retain(|(id, _, _)| Some(*id) == target);
+    }
+    let requested = if manual.is_some() {
+        "the manual failover's"
+    } else {
+        "the switchover's"
+    };
     eligible.sort_by_key(|(id, lsn, priority)| {
         (Some(*id) != target, Reverse(*lsn), Reverse(*priority), *id)
     });
     let &(winner, winner_lsn, winner_priority) = eligible.first()?;
     for (id, lsn, priority) in &eligible {
         let why = if *id == winner && Some(winner) == target {
-            format!("won: the switchover's candidate, LSN {}", format_lsn(*lsn))
+            format!("won: {requested} candidate, LSN {}", format_lsn(*lsn))
         } else if Some(winner) == target {
-            format!("lost: node {winner} is the switchover's candidate")
+            format!("lost: node {winner} is {requested} candidate")
         } else if *id == winner {
             format!("won: LSN {}, priority {priority}", format_lsn(*lsn))
         } else if *lsn < winner_lsn {
@@ -159,6 +204,14 @@ pub fn decide(state: &ClusterState, view: &LeaderView, config: &DecideConfig) ->
             format!("lost: same LSN and priority, node id {id} > {winner}")
         };
         assessments.get_mut(id).expect("assessed above").why = why;
+    }
+    if only_target {
+        for a in assessments
+            .values_mut()
+            .filter(|a| a.eligible && a.node_id != winner)
+        {
+            a.why = format!("lost: paused; only {requested} candidate node {winner} may win");
+        }
     }
     Some(Event::PromotionDecided(PromotionDecision {
         decided_for_generation: state.generation,
@@ -314,6 +367,60 @@ mod tests {
             ..view
         };
         assert_eq!(decide(&state, &only_2, &config), None);
+    }
+
+    #[test]
+    fn a_manual_failover_acts_while_paused_but_only_on_a_dead_lease_and_its_candidate() {
+        let mut state = cluster(&[(1, 100, false), (2, 100, false), (3, 100, false)], false);
+        state.apply(
+            &Event::Paused {
+                reason: "test".into(),
+            },
+            200,
+        );
+        let request = Event::FailoverRequested {
+            generation: 1,
+            candidate: 3,
+            reason: "test".into(),
+        };
+        assert!(state.apply(&request, 201).is_applied());
+        let view = LeaderView {
+            lease_silence_ms: 0,
+            probes: BTreeMap::from([(2, probe(500)), (3, probe(400))]),
+            paused: false,
+        };
+        assert_eq!(
+            decide(&state, &view, &CONFIG),
+            None,
+            "the old primary's lease may live"
+        );
+        let expired = LeaderView {
+            lease_silence_ms: 1500,
+            ..view.clone()
+        };
+        let d = decided(decide(&state, &expired, &CONFIG));
+        assert_eq!(
+            d.candidate, 3,
+            "the requested node, not the one with most WAL"
+        );
+        assert!(
+            d.reason.contains("manual failover to node 3"),
+            "{}",
+            d.reason
+        );
+
+        // Paused, the requested candidate or nobody.
+        let unreachable_3 = LeaderView {
+            probes: BTreeMap::from([(2, probe(500))]),
+            ..expired
+        };
+        assert_eq!(decide(&state, &unreachable_3, &CONFIG), None);
+        // Not paused, automatic failover picks another.
+        state.apply(&Event::Resumed, 202);
+        assert_eq!(
+            decided(decide(&state, &unreachable_3, &CONFIG)).candidate,
+            2
+        );
     }
 
     #[test]

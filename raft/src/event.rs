@@ -169,6 +169,14 @@ pub enum Event {
         generation: u64,
         members: std::collections::BTreeSet<NodeId>,
     },
+    /// An operator's manual failover to `candidate` (`POST /failover`), for the primary of
+    /// `generation` that is down or resigned. The leader promotes `candidate` once the old
+    /// primary's lease is dead — even while paused — and only if `candidate` is eligible.
+    FailoverRequested {
+        generation: u64,
+        candidate: NodeId,
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -184,7 +192,7 @@ pub enum RejoinMethod {
 }
 
 /// Every [`Event::kind`], in the order of the variants: the values a type filter accepts.
-pub const EVENT_KINDS: [&str; 13] = [
+pub const EVENT_KINDS: [&str; 14] = [
     "NodeRegistered",
     "NodeUnregistered",
     "HealthObserved",
@@ -198,6 +206,7 @@ pub const EVENT_KINDS: [&str; 13] = [
     "Paused",
     "Resumed",
     "SyncSetChanged",
+    "FailoverRequested",
 ];
 
 impl Event {
@@ -217,6 +226,7 @@ impl Event {
             Event::Paused { .. } => "Paused",
             Event::Resumed => "Resumed",
             Event::SyncSetChanged { .. } => "SyncSetChanged",
+            Event::FailoverRequested { .. } => "FailoverRequested",
         }
     }
 
@@ -234,6 +244,7 @@ impl Event {
             Event::PromotionCompleted { node_id, .. }
             | Event::RejoinPlanned { node_id, .. }
             | Event::RejoinCompleted { node_id, .. } => *node_id,
+            Event::FailoverRequested { candidate, .. } => *candidate,
             Event::Paused { .. } | Event::Resumed | Event::SyncSetChanged { .. } => return None,
         })
     }

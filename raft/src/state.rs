@@ -80,6 +80,15 @@ pub struct SwitchoverRecord {
     pub log_index: u64,
 }
 
+/// An operator's manual failover (`POST /failover`), pending while its generation is current
+/// and no renewal of the primary's lease has been applied since.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailoverRecord {
+    pub generation: u64,
+    pub candidate: NodeId,
+    pub log_index: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DecisionRecord {
     pub log_index: u64,
@@ -126,6 +135,9 @@ pub struct ClusterState {
     pub events_no_op: u64,
     /// The log index of the last event applied.
     pub last_event_log_index: u64,
+    /// The latest manual failover request; see [`ClusterState::pending_failover`].
+    #[serde(default)]
+    pub failover_request: Option<FailoverRecord>,
 }
 
 impl ClusterState {
@@ -179,6 +191,11 @@ impl ClusterState {
                 generation,
                 members,
             } => self.change_sync_set(*generation, members),
+            Event::FailoverRequested {
+                generation,
+                candidate,
+                ..
+            } => self.request_failover(*generation, *candidate, log_index),
         };
 
         assert!(self.generation >= generation_before, "generation went back");
@@ -293,6 +310,10 @@ impl ClusterState {
             generation,
             log_index,
         });
+        // A primary that renews its lease is alive: a manual failover does not apply to it.
+        if !self.primary_resigned {
+            self.failover_request = None;
+        }
         Outcome::Applied
     }
 
@@ -407,6 +428,42 @@ impl ClusterState {
         }
         self.switchover = Some(SwitchoverRecord {
             from: primary,
+            generation,
+            candidate,
+            log_index,
+        });
+        Outcome::Applied
+    }
+
+    /// A manual failover requested for the current generation and not carried out or overtaken
+    /// yet: no promotion since, and no lease renewal by a primary that has not resigned.
+    pub fn pending_failover(&self) -> Option<&FailoverRecord> {
+        self.failover_request
+            .as_ref()
+            .filter(|f| f.generation == self.generation)
+    }
+
+    fn request_failover(&mut self, generation: u64, candidate: NodeId, log_index: u64) -> Outcome {
+        if generation != self.generation {
+            return Outcome::no_op(format!(
+                "stale failover request for generation {generation}; the cluster is at {}",
+                self.generation
+            ));
+        }
+        let Some(primary) = self.primary else {
+            return Outcome::no_op("there is no primary to fail over from");
+        };
+        if candidate == primary {
+            return Outcome::no_op(format!("node {candidate} is the primary"));
+        }
+        match self.nodes.get(&candidate) {
+            None => return Outcome::no_op(format!("node {candidate} is not registered")),
+            Some(n) if n.registration.nofailover => {
+                return Outcome::no_op(format!("node {candidate} is tagged nofailover"))
+            }
+            Some(_) => {}
+        }
+        self.failover_request = Some(FailoverRecord {
             generation,
             candidate,
             log_index,
@@ -539,6 +596,43 @@ mod tests {
     }
 
     #[test]
+    fn a_failover_request_lasts_until_a_promotion_or_a_live_primary_renews() {
+        let mut state = ClusterState::default();
+        state.apply(&Event::NodeRegistered(registration(1, PgRole::Primary)), 1);
+        state.apply(&Event::NodeRegistered(registration(2, PgRole::Standby)), 2);
+        let request = |generation, candidate| Event::FailoverRequested {
+            generation,
+            candidate,
+            reason: "test".into(),
+        };
+        assert!(!state.apply(&request(1, 1), 3).is_applied(), "the primary");
+        assert!(!state.apply(&request(1, 9), 4).is_applied(), "unknown");
+        assert!(!state.apply(&request(0, 2), 5).is_applied(), "stale");
+        assert!(state.pending_failover().is_none());
+
+        assert!(state.apply(&request(1, 2), 6).is_applied());
+        assert_eq!(state.pending_failover().map(|f| f.candidate), Some(2));
+        let renew = Event::LeaseRenewed {
+            primary: 1,
+            generation: 1,
+        };
+        state.apply(&renew, 7);
+        assert!(state.pending_failover().is_none(), "the primary is alive");
+
+        state.apply(&request(1, 2), 8);
+        let resign = Event::PrimaryResigned {
+            primary: 1,
+            generation: 1,
+            reason: "test".into(),
+        };
+        state.apply(&resign, 9);
+        state.apply(&renew, 10); // late, from before the resignation
+        assert!(state.pending_failover().is_some());
+        state.apply(&Event::PromotionDecided(decision(1, 2)), 11);
+        assert!(state.pending_failover().is_none(), "carried out");
+    }
+
+    #[test]
     fn a_lease_for_an_old_generation_is_refused() {
         let mut state = ClusterState::default();
         state.apply(&Event::NodeRegistered(registration(1, PgRole::Primary)), 1);
@@ -622,13 +716,18 @@ mod tests {
                 timeline: None,
                 lsn: None
             }),
-            (id.clone(), 0u64..6, prop::option::of(id)).prop_map(
+            (id.clone(), 0u64..6, prop::option::of(id.clone())).prop_map(
                 |(primary, generation, candidate)| Event::SwitchoverRequested {
                     primary,
                     generation,
                     candidate
                 }
             ),
+            (0u64..6, id.clone()).prop_map(|(generation, candidate)| Event::FailoverRequested {
+                generation,
+                candidate,
+                reason: "test".into()
+            }),
             any::<bool>().prop_map(|pause| if pause {
                 Event::Paused {
                     reason: "test".into(),

@@ -353,14 +353,14 @@ impl Pg {
         check("pg_ctl reload", &out)
     }
 
-    /// Renames the data directory to `<name>.rewind-failed-<unix time>` beside it; returns the
-    /// new path. Nothing is deleted.
-    pub fn move_data_aside(&self) -> anyhow::Result<std::path::PathBuf> {
+    /// Renames the data directory to `<name>.<tag>-<unix time>` beside it (`rewind-failed`,
+    /// `reinitialized`); returns the new path. Nothing is deleted.
+    pub fn move_data_aside(&self, tag: &str) -> anyhow::Result<std::path::PathBuf> {
         let seconds = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)?
             .as_secs();
         let mut aside = self.data_dir().as_os_str().to_owned();
-        aside.push(format!(".rewind-failed-{seconds}"));
+        aside.push(format!(".{tag}-{seconds}"));
         let aside = std::path::PathBuf::from(aside);
         std::fs::rename(self.data_dir(), &aside).with_context(|| {
             format!(
