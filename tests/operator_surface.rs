@@ -150,6 +150,7 @@ async fn config_history_and_followed_events_through_the_api_and_the_cli() {
         .unwrap();
     let decision = Event::PromotionDecided(PromotionDecision {
         decided_for_generation: 1,
+        lease_log_index: None,
         candidate: 2,
         reason: "node 1 resigned in generation 1".into(),
         candidates: vec![CandidateAssessment {

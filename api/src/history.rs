@@ -147,6 +147,7 @@ mod tests {
     fn promote(for_generation: u64, candidate: NodeId, reason: &str) -> Event {
         Event::PromotionDecided(PromotionDecision {
             decided_for_generation: for_generation,
+            lease_log_index: None,
             candidate,
             reason: reason.into(),
             candidates: vec![CandidateAssessment {

@@ -131,6 +131,7 @@ mod tests {
     fn decision(for_generation: u64, candidate: u64) -> Event {
         Event::PromotionDecided(PromotionDecision {
             decided_for_generation: for_generation,
+            lease_log_index: None,
             candidate,
             reason: "no lease renewal from node 1".into(),
             candidates: vec![],

@@ -215,6 +215,7 @@ pub fn decide(state: &ClusterState, view: &LeaderView, config: &DecideConfig) ->
     }
     Some(Event::PromotionDecided(PromotionDecision {
         decided_for_generation: state.generation,
+        lease_log_index: state.lease.as_ref().map(|l| l.log_index),
         candidate: winner,
         reason,
         candidates: assessments.into_values().collect(),

@@ -162,6 +162,7 @@ mod tests {
             s.apply(
                 &Event::PromotionDecided(PromotionDecision {
                     decided_for_generation: 1,
+                    lease_log_index: None,
                     candidate,
                     reason: "test".into(),
                     candidates: vec![],

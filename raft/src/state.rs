@@ -324,6 +324,14 @@ impl ClusterState {
                 decision.decided_for_generation, self.generation
             ));
         }
+        let lease = self.lease.as_ref().map(|l| l.log_index);
+        if decision.lease_log_index != lease {
+            return Outcome::no_op(format!(
+                "overtaken: decided on the lease renewal at log index {:?}, but the newest \
+                 applied is at {:?} (the primary is alive)",
+                decision.lease_log_index, lease
+            ));
+        }
         if !self.nodes.contains_key(&decision.candidate) {
             return Outcome::no_op(format!(
                 "candidate node {} is not registered",
@@ -558,9 +566,18 @@ mod tests {
         NodeRegistration::for_tests(id, role)
     }
 
+    /// A decision made on `state` as it is: on its newest lease renewal.
+    fn decided_on(state: &ClusterState, for_generation: u64, candidate: NodeId) -> Event {
+        Event::PromotionDecided(PromotionDecision {
+            lease_log_index: state.lease.as_ref().map(|l| l.log_index),
+            ..decision(for_generation, candidate)
+        })
+    }
+
     fn decision(for_generation: u64, candidate: NodeId) -> PromotionDecision {
         PromotionDecision {
             decided_for_generation: for_generation,
+            lease_log_index: None,
             candidate,
             reason: "test".into(),
             candidates: vec![CandidateAssessment {
@@ -628,7 +645,7 @@ mod tests {
         state.apply(&resign, 9);
         state.apply(&renew, 10); // late, from before the resignation
         assert!(state.pending_failover().is_some());
-        state.apply(&Event::PromotionDecided(decision(1, 2)), 11);
+        state.apply(&decided_on(&state, 1, 2), 11);
         assert!(state.pending_failover().is_none(), "carried out");
     }
 
@@ -642,9 +659,14 @@ mod tests {
             generation,
         };
         assert_eq!(state.apply(&renew(1), 3), Outcome::Applied);
-        state.apply(&Event::PromotionDecided(decision(1, 2)), 4);
+        // A decision made before that renewal is overtaken by it; one made after it applies.
+        let overtaken = state.apply(&Event::PromotionDecided(decision(1, 2)), 4);
+        assert!(!overtaken.is_applied(), "{overtaken:?}");
+        assert_eq!(state.generation, 1);
+        state.apply(&decided_on(&state, 1, 2), 5);
+        assert_eq!(state.generation, 2);
         assert!(state.lease.is_none());
-        assert!(!state.apply(&renew(1), 5).is_applied());
+        assert!(!state.apply(&renew(1), 6).is_applied());
         assert!(state.lease.is_none());
     }
 

@@ -59,8 +59,11 @@ use raftmgr_raft::{Applied, ClusterState, NodeId, Outcome, TypeConfig};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-/// The version byte in front of every stored record.
-pub const FORMAT_VERSION: u8 = 1;
+/// The version byte in front of every stored record. 2: `PromotionDecision.lease_log_index`,
+/// `Event::FailoverRequested` and `ClusterState.failover_request`. A store of another version is
+/// refused with an error naming both versions (no upgrade chain yet: raftmgr is pre-release, and
+/// a cluster is upgraded by re-initialising its agents' stores; PostgreSQL is untouched).
+pub const FORMAT_VERSION: u8 = 2;
 
 /// sled's page cache; the data is small (a compacted log of cluster events).
 const CACHE_CAPACITY_BYTES: u64 = 8 * 1024 * 1024;
