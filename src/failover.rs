@@ -361,6 +361,9 @@ pub struct ExecutorMemory {
     /// After a failed action, no new action before this time (doubling up to a limit).
     pub retry_at: Option<Instant>,
     pub failures: u32,
+    /// The primary's WAL position after PostgreSQL began to wait for a new sync standby: the
+    /// standby joins the committed sync set once it has replayed up to here.
+    pub sync_switch_lsn: Option<u64>,
 }
 
 /// Backoff after a failed action: 500 ms, doubling, at most 10 s.
@@ -468,7 +471,7 @@ impl Executor {
         let Some(action) = action else {
             // Nothing to reconcile: a primary in steady state looks after its sync standby.
             if let (Some(status), true) = (status, writable && local.lease_held) {
-                if let Err(e) = self.manage_sync(state, status).await {
+                if let Err(e) = self.manage_sync(state, status, memory).await {
                     tracing::warn!("synchronous standby management: {e:#}");
                 }
             }
@@ -694,7 +697,18 @@ impl Executor {
     /// `synchronous_standby_names` only after the sync set naming it is committed, and removed
     /// from PostgreSQL before its removal is committed; so every commit PostgreSQL acknowledged
     /// waited for a member of the committed set, the only nodes that may be promoted.
-    async fn manage_sync(&self, state: &ClusterState, status: &PgStatus) -> anyhow::Result<()> {
+    /// Keeps the committed sync set a subset of the standbys PostgreSQL waits for, so that every
+    /// member holds every acknowledged commit (invariant 4), in Patroni's order: a member leaves
+    /// the committed set *before* PostgreSQL stops waiting for it; a standby joins it only
+    /// *after* PostgreSQL waits for it and it has replayed everything written up to the switch.
+    /// (The reverse order for a removal lost acknowledged writes in the chaos lab: PostgreSQL
+    /// acknowledged without a standby while the committed set still made one promotable.)
+    async fn manage_sync(
+        &self,
+        state: &ClusterState,
+        status: &PgStatus,
+        memory: &mut ExecutorMemory,
+    ) -> anyhow::Result<()> {
         let mode = self.timing.synchronous_mode;
         if mode == SynchronousMode::Off || state.primary != Some(self.me) || !state.primary_ready {
             return Ok(());
@@ -724,15 +738,17 @@ impl Executor {
                     None => Default::default(),
                 },
             };
-        if !target.is_subset(committed) {
-            let members = committed.union(&target).copied().collect();
+        // 1. Members leaving: out of the committed set first, while PostgreSQL still waits.
+        if !committed.is_subset(&target) {
+            let members = committed.intersection(&target).copied().collect();
             let event = Event::SyncSetChanged {
                 generation: state.generation,
                 members,
             };
             self.proposer.propose(event).await?;
-            return Ok(()); // Named in PostgreSQL on the next step, once committed.
+            return Ok(()); // PostgreSQL follows on the next step, once committed.
         }
+        // 2. PostgreSQL waits for the target.
         let names: Vec<String> = target
             .iter()
             .filter_map(|id| state.nodes.get(id))
@@ -745,13 +761,33 @@ impl Executor {
         if self.pg.sync_names() != wanted {
             self.set_sync_names(&wanted).await?;
             tracing::info!("synchronous_standby_names = '{wanted}'");
+            memory.sync_switch_lsn = None;
+            return Ok(());
         }
-        if *committed != target {
+        if target.is_subset(committed) {
+            return Ok(());
+        }
+        // 3. A member joining: once PostgreSQL names it sync and it has replayed what was
+        //    written up to then, it holds every acknowledged commit.
+        let Some(switch_lsn) = memory.sync_switch_lsn.or(status.lsn) else {
+            return Ok(());
+        };
+        memory.sync_switch_lsn = Some(switch_lsn);
+        let caught_up = target.iter().all(|id| {
+            let name = state.nodes.get(id).map(|n| n.registration.name.as_str());
+            status.replicas.iter().any(|r| {
+                Some(r.name.as_str()) == name
+                    && r.sync_state == "sync"
+                    && r.replay_lsn.is_some_and(|lsn| lsn >= switch_lsn)
+            })
+        });
+        if caught_up {
             let event = Event::SyncSetChanged {
                 generation: state.generation,
                 members: target,
             };
             self.proposer.propose(event).await?;
+            memory.sync_switch_lsn = None;
         }
         Ok(())
     }
