@@ -227,7 +227,8 @@ pub async fn run(args: &ChaosArgs) -> anyhow::Result<RunReport> {
         })
         .collect();
     let tasks = Tasks::start(recorder.clone(), Addresses::of(&cluster), libpq_hosts);
-    recovered(&recorder, 0.0)
+    let synchronous = args.synchronous_mode != "off";
+    recovered(&recorder, 0.0, synchronous)
         .await
         .context("the clients never wrote")?;
     wait::until("the observer to see the primary", SETUP_TIMEOUT, || async {
@@ -310,14 +311,14 @@ pub async fn run(args: &ChaosArgs) -> anyhow::Result<RunReport> {
             end_ms: Some(end_ms),
             note,
         });
-        if let Err(e) = recovered(&recorder, end_ms).await {
+        if let Err(e) = recovered(&recorder, end_ms, synchronous).await {
             eprintln!("  the cluster did not recover: {e:#}");
             break;
         }
     }
 
     history.healed_ms = Some(recorder.now_ms());
-    let _ = recovered(&recorder, recorder.now_ms()).await;
+    let _ = recovered(&recorder, recorder.now_ms(), synchronous).await;
     sleep(WRITES_AFTER_HEAL).await;
     tasks.stop().await;
 
@@ -360,14 +361,23 @@ pub async fn run(args: &ChaosArgs) -> anyhow::Result<RunReport> {
     Ok(report)
 }
 
-/// Waits until a write that started after `after_ms` was acknowledged.
-async fn recovered(recorder: &Arc<Recorder>, after_ms: f64) -> anyhow::Result<()> {
+/// Waits until a write that started after `after_ms` was acknowledged and, in synchronous
+/// mode, the committed state names a synchronous standby again (until then no standby may be
+/// promoted, so a fault in that window only shows that, again).
+async fn recovered(
+    recorder: &Arc<Recorder>,
+    after_ms: f64,
+    synchronous: bool,
+) -> anyhow::Result<()> {
     wait::until("an acknowledged write", RECOVERY_TIMEOUT, || async {
-        if recorder.acked_since(after_ms) > 0 {
-            Ok(())
-        } else {
-            Err(format!("last error: {:?}", recorder.last_error()))
+        if recorder.acked_since(after_ms) == 0 {
+            return Err(format!("last error: {:?}", recorder.last_error()));
         }
+        let named = recorder.observed.lock().expect("observed").sync_set_named;
+        if synchronous && !named {
+            return Err("no synchronous standby in the committed state yet".into());
+        }
+        Ok(())
     })
     .await
 }

@@ -86,6 +86,8 @@ pub struct Recorder {
 pub struct Observed {
     pub generations: Vec<GenerationSeen>,
     pub primary: Option<NodeId>,
+    /// The newest generation's committed sync set is not empty.
+    pub sync_set_named: bool,
     pub leader: Option<NodeId>,
     pub logs: BTreeMap<String, BTreeMap<u64, String>>,
     pub log_rewrites: Vec<String>,
@@ -355,6 +357,7 @@ fn note_view(observed: &mut Observed, view: &ClusterView, seen_ms: f64) {
     }
     if newest.is_none_or(|n| generation >= n) {
         observed.primary = view.state.primary;
+        observed.sync_set_named = !view.state.sync_set.is_empty();
     }
     if view.raft.state == "Leader" {
         observed.leader = Some(view.node.id);
