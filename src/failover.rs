@@ -525,9 +525,14 @@ impl Executor {
             }
             Action::StartAsPrimary => {
                 let (pg, name) = (self.pg.clone(), self.name.clone());
+                // Waiting for the committed sync set from the first commit: started without it,
+                // a primary acknowledged writes its promotable standby never got (chaos lab,
+                // partition-halves: a fenced primary restarted just before it was cut off).
+                let sync = sync_names(state, &state.sync_set, self.timing.synchronous_mode);
                 blocking(move || {
                     pg.remove_standby_signal()?;
                     pg.write_config(&name, None)?;
+                    pg.write_sync_names(&sync)?;
                     pg.start()
                 })
                 .await?;
@@ -749,15 +754,7 @@ impl Executor {
             return Ok(()); // PostgreSQL follows on the next step, once committed.
         }
         // 2. PostgreSQL waits for the target.
-        let names: Vec<String> = target
-            .iter()
-            .filter_map(|id| state.nodes.get(id))
-            .map(|n| format!("\"{}\"", n.registration.name))
-            .collect();
-        let wanted = match (names.is_empty(), mode) {
-            (true, SynchronousMode::Strict) => "*".to_string(),
-            _ => names.join(","),
-        };
+        let wanted = sync_names(state, &target, mode);
         if self.pg.sync_names() != wanted {
             self.set_sync_names(&wanted).await?;
             tracing::info!("synchronous_standby_names = '{wanted}'");
@@ -997,6 +994,27 @@ async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
 ) -> anyhow::Result<T> {
     tokio::task::spawn_blocking(f).await?
+}
+
+/// `synchronous_standby_names` for `members` (none: '' — or '*' in strict mode, which then
+/// blocks writes until a standby is named).
+fn sync_names(
+    state: &ClusterState,
+    members: &std::collections::BTreeSet<NodeId>,
+    mode: SynchronousMode,
+) -> String {
+    if mode == SynchronousMode::Off {
+        return String::new();
+    }
+    let names: Vec<String> = members
+        .iter()
+        .filter_map(|id| state.nodes.get(id))
+        .map(|n| format!("\"{}\"", n.registration.name))
+        .collect();
+    match (names.is_empty(), mode) {
+        (true, SynchronousMode::Strict) => "*".to_string(),
+        _ => names.join(","),
+    }
 }
 
 /// The line of a failed program's output that says why: its first error (pg_rewind's own, or
