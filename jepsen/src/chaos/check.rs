@@ -20,6 +20,9 @@ pub struct Verdict {
     pub violations: usize,
     /// The first violations (at most [`EXAMPLES_MAX`]), each with the records around it.
     pub details: Vec<String>,
+    /// When the earliest violation happened (run time, ms), for the faults and generations
+    /// around it in the printout.
+    pub at_ms: Option<f64>,
 }
 
 impl Verdict {
@@ -30,7 +33,13 @@ impl Verdict {
             summary,
             violations: problems.len(),
             details: problems.into_iter().take(EXAMPLES_MAX).collect(),
+            at_ms: None,
         }
+    }
+
+    fn at(mut self, at_ms: Option<f64>) -> Verdict {
+        self.at_ms = at_ms;
+        self
     }
 }
 
@@ -109,7 +118,12 @@ pub fn lost_writes(history: &History) -> Verdict {
         phantom.len(),
         primary.name,
     );
-    Verdict::new("lost-writes", problems, summary)
+    let first = lost
+        .iter()
+        .map(|w| w.start_ms)
+        .chain(phantom.iter().map(|w| w.start_ms))
+        .reduce(f64::min);
+    Verdict::new("lost-writes", problems, summary).at(first)
 }
 
 fn describe(w: &Write) -> String {
@@ -133,6 +147,7 @@ fn describe(w: &Write) -> String {
 ///   made primary again.
 pub fn split_brain(history: &History) -> Verdict {
     let mut problems = Vec::new();
+    let mut first: Option<f64> = None;
     let acked: Vec<&Write> = acked(history).collect();
 
     let mut writers: BTreeMap<u32, BTreeSet<&str>> = BTreeMap::new();
@@ -172,6 +187,7 @@ pub fn split_brain(history: &History) -> Verdict {
         }
         let newer = newest[before - 1];
         if newer.timeline > w.timeline && w.timeline.is_some() {
+            first = Some(first.map_or(w.start_ms, |f| f.min(w.start_ms)));
             problems.push(format!(
                 "write {} ({}) was acknowledged on an older timeline after write {} ({}) had \
                  been acknowledged on a newer one",
@@ -201,6 +217,7 @@ pub fn split_brain(history: &History) -> Verdict {
             .iter()
             .any(|g| g.generation > current.generation && g.primary.as_deref() == Some(node));
         if deposed && !primary_again {
+            first = Some(first.map_or(w.start_ms, |f| f.min(w.start_ms)));
             problems.push(format!(
                 "write {} ({}) began {:.0} ms after generation {} (primary {}) was seen \
                  committed, yet {node} acknowledged it",
@@ -219,7 +236,7 @@ pub fn split_brain(history: &History) -> Verdict {
         history.generations.len(),
         problems.len()
     );
-    Verdict::new("split-brain", problems, summary)
+    Verdict::new("split-brain", problems, summary).at(first)
 }
 
 /// What keeps `finals` from being one converged cluster: exactly one writable primary, the one
@@ -443,6 +460,7 @@ mod tests {
             verdict.details[0].contains("write 2 is lost"),
             "{verdict:?}"
         );
+        assert_eq!(verdict.at_ms, Some(20.0));
 
         history.synchronous_mode = "off".into();
         let verdict = lost_writes(&history);

@@ -141,8 +141,46 @@ pub fn print(report: &RunReport) {
         for d in &v.details {
             println!("    {d}");
         }
+        if let (false, Some(at)) = (v.ok, v.at_ms) {
+            for line in around(&report.history, at) {
+                println!("    around it: {line}");
+            }
+        }
     }
     println!("report: {}", report.out.join("report.html").display());
+}
+
+/// The faults and generations within a few seconds before (and one after) `at_ms`.
+pub fn around(history: &History, at_ms: f64) -> Vec<String> {
+    let window = (at_ms - 5000.0)..=(at_ms + 1000.0);
+    let mut lines: Vec<(f64, String)> = Vec::new();
+    for f in &history.faults {
+        let end = f.end_ms.unwrap_or(f64::INFINITY);
+        if f.start_ms <= *window.end() && end >= *window.start() {
+            let text = format!(
+                "{:.1}–{:.1} s {} on {} {}",
+                f.start_ms / 1000.0,
+                end / 1000.0,
+                f.kind,
+                f.targets.join(","),
+                f.note
+            );
+            lines.push((f.start_ms, text));
+        }
+    }
+    for g in &history.generations {
+        if window.contains(&g.seen_ms) {
+            let text = format!(
+                "{:.1} s generation {} (primary {}) seen committed",
+                g.seen_ms / 1000.0,
+                g.generation,
+                g.primary.as_deref().unwrap_or("none")
+            );
+            lines.push((g.seen_ms, text));
+        }
+    }
+    lines.sort_by(|a, b| a.0.total_cmp(&b.0));
+    lines.into_iter().map(|(_, l)| l).collect()
 }
 
 fn escape(text: &str) -> String {
@@ -363,5 +401,8 @@ mod tests {
         assert_eq!(n.unavailability_ms, vec![Some(1260.0), None]);
         assert_eq!(n.writes_acknowledged, 5);
         assert_eq!(n.faults_by_kind.len(), 2);
+        let near = around(&history, 1400.0);
+        assert_eq!(near.len(), 2, "{near:?}");
+        assert!(near[0].contains("kill-postgres"), "{near:?}");
     }
 }
