@@ -304,11 +304,23 @@ async fn agents_restart_without_touching_postgres_and_a_hand_stopped_standby_sho
         None,
         "the agent must not restart a hand-stopped PostgreSQL"
     );
-    let out = cluster.raftmgr(3, &["node", "status"]).unwrap();
-    assert!(
-        !out.status.success(),
-        "node status fails while PostgreSQL is down"
-    );
+    // The agent's own measurement follows at its next step (a moment later on a busy machine).
+    let out = wait::until(
+        "node status to fail while PostgreSQL is down",
+        TIMEOUT,
+        || async {
+            let out = cluster
+                .raftmgr(3, &["node", "status"])
+                .map_err(|e| e.to_string())?;
+            if out.status.success() {
+                Err(String::from_utf8_lossy(&out.stdout).to_string())
+            } else {
+                Ok(out)
+            }
+        },
+    )
+    .await
+    .unwrap();
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("not running"),
         "{out:?}"
