@@ -440,6 +440,7 @@ impl Executor {
             stuck: memory
                 .not_streaming_since
                 .is_some_and(|t| t.elapsed() >= rewind_after),
+            synchronous_mode: self.timing.synchronous_mode != SynchronousMode::Off,
         };
         *self.local.write().expect("local status lock") = raftmgr_api::LocalPostgres {
             running: local.running && status.is_some(),

@@ -203,3 +203,53 @@ async fn a_switchover_loses_no_acknowledged_write() {
     assert_eq!(promoted, sync);
     assert_all_present(&cluster, promoted, &acked).await;
 }
+
+/// With no synchronous standby no one may be promoted, so a primary whose PostgreSQL dies
+/// starts it again in place rather than resigning and leaving the cluster without a primary.
+#[tokio::test]
+async fn with_an_empty_sync_set_a_crashed_primary_restarts_in_place() {
+    let cluster = sync_cluster().await;
+    wait_for_sync_standby(&cluster, 1).await;
+    for id in [2, 3] {
+        let out = cluster.pg_ctl(id, &["stop", "-m", "fast"]).unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    wait::until("the sync set to empty", TIMEOUT, || async {
+        let view = cluster.view(1).await.map_err(|e| e.to_string())?;
+        if view.state.sync_set.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{:?}", view.state.sync_set))
+        }
+    })
+    .await
+    .unwrap();
+    // Synchronous mode `on`: the primary takes writes alone now.
+    let client = connect(&cluster, 1).await.unwrap();
+    let insert = client.execute("INSERT INTO acked VALUES (1)", &[]);
+    tokio::time::timeout(Duration::from_secs(10), insert)
+        .await
+        .expect("a write without a sync standby hung")
+        .unwrap();
+
+    let killed = cluster.kill_postmaster(1).unwrap();
+    let restarted = wait::until("node 1 to take writes again", TIMEOUT, || async {
+        let pid = cluster.postmaster_pid(1).ok_or("no postmaster")?;
+        let client = connect(&cluster, 1).await.map_err(|e| e.to_string())?;
+        client
+            .execute("INSERT INTO acked VALUES (2)", &[])
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(pid)
+    })
+    .await
+    .unwrap();
+    assert_ne!(restarted, killed);
+    let state = cluster.view(2).await.unwrap().state;
+    assert_eq!(
+        (state.generation, state.primary, state.primary_resigned),
+        (1, Some(1), false),
+        "the primary resigned or was replaced"
+    );
+    assert_all_present(&cluster, 1, &[1, 2].into()).await;
+}

@@ -33,6 +33,8 @@ pub struct Local {
     /// A standby that follows the right primary but has not streamed for a while: its history
     /// diverged, it needs pg_rewind.
     pub stuck: bool,
+    /// This node's `[failover] synchronous_mode` is `on` or `strict`.
+    pub synchronous_mode: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,8 +89,13 @@ pub fn reconcile(state: &ClusterState, me: NodeId, local: &Local) -> Option<Acti
         }
         if !local.running {
             // A primary that crashed, or that someone stopped by hand outside maintenance mode,
-            // hands over: the cluster must not sit without a writable primary.
-            if local.crashed || (local.stopped_by_hand && !state.paused) {
+            // hands over: the cluster must not sit without a writable primary. Unless nobody
+            // may take over: in synchronous mode with an empty sync set every standby may lack
+            // acknowledged commits, so none is promoted, and resigning would leave the cluster
+            // without a primary for good. Then a crashed primary starts again in place (as
+            // Patroni's does) and one stopped by hand stays stopped.
+            let successor_possible = !local.synchronous_mode || !state.sync_set.is_empty();
+            if successor_possible && (local.crashed || (local.stopped_by_hand && !state.paused)) {
                 return Some(Action::Resign);
             }
             if !local.stopped_by_hand {
@@ -300,6 +307,38 @@ mod tests {
         assert_eq!(reconcile(&s, 1, &rebooted), Some(Action::StartAsPrimary));
     }
 
+    #[test]
+    fn in_synchronous_mode_a_crashed_primary_hands_over_only_to_the_sync_set() {
+        let mut s = state(true, None);
+        let crashed = Local {
+            crashed: true,
+            lease_held: true,
+            synchronous_mode: true,
+            ..Local::default()
+        };
+        let stopped = Local {
+            crashed: false,
+            stopped_by_hand: true,
+            ..crashed.clone()
+        };
+        // No sync standby: no one may be promoted, so it starts again in place.
+        assert_eq!(reconcile(&s, 1, &crashed), Some(Action::StartAsPrimary));
+        assert_eq!(
+            reconcile(&s, 1, &stopped),
+            None,
+            "left stopped, not resigned"
+        );
+        s.apply(
+            &Event::SyncSetChanged {
+                generation: s.generation,
+                members: [2].into(),
+            },
+            60,
+        );
+        assert_eq!(reconcile(&s, 1, &crashed), Some(Action::Resign));
+        assert_eq!(reconcile(&s, 1, &stopped), Some(Action::Resign));
+    }
+
     fn arb_local() -> impl Strategy<Value = Local> {
         (
             any::<bool>(),
@@ -309,7 +348,7 @@ mod tests {
             any::<bool>(),
             any::<bool>(),
             prop::option::of(1u64..4),
-            (any::<bool>(), any::<bool>()),
+            (any::<bool>(), any::<bool>(), any::<bool>()),
         )
             .prop_map(
                 |(
@@ -320,7 +359,7 @@ mod tests {
                     stopped_by_hand,
                     was_primary,
                     following,
-                    (stuck, clean_shutdown),
+                    (stuck, clean_shutdown, synchronous_mode),
                 )| Local {
                     running,
                     in_recovery,
@@ -331,6 +370,7 @@ mod tests {
                     clean_shutdown,
                     following,
                     stuck,
+                    synchronous_mode,
                 },
             )
     }
