@@ -634,11 +634,7 @@ impl Executor {
         tracing::warn!("restarting PostgreSQL as asked (POST /restart)");
         memory.expected_down = true;
         let pg = self.pg.clone();
-        blocking(move || match pg.run_state() {
-            RunState::Running { .. } => pg.stop("fast"),
-            RunState::Stopped => Ok(()),
-        })
-        .await?;
+        blocking(move || pg.stop_if_running()).await?;
         self.lease.set_writable(false);
         let pg = self.pg.clone();
         if primary {
@@ -680,11 +676,7 @@ impl Executor {
         self.ensure_slot(&conninfo).await?;
         memory.expected_down = true;
         let pg = self.pg.clone();
-        blocking(move || match pg.run_state() {
-            RunState::Running { .. } => pg.stop("fast"),
-            RunState::Stopped => Ok(()),
-        })
-        .await?;
+        blocking(move || pg.stop_if_running()).await?;
         self.lease.set_writable(false);
         let reason = "reinitialize requested by an operator (POST /reinitialize)".to_string();
         self.reclone(state.generation, &conninfo, reason, "reinitialized")
@@ -919,9 +911,7 @@ impl Executor {
         self.ensure_slot(&conninfo).await?;
         let (pg, upstream) = (self.pg.clone(), conninfo.clone());
         let rewound = blocking(move || {
-            if let RunState::Running { .. } = pg.run_state() {
-                pg.stop("fast")?;
-            }
+            pg.stop_if_running()?;
             pg.rewind(&upstream)
         })
         .await;

@@ -1,6 +1,5 @@
 //! Automatic failover and rejoin, with real PostgreSQL 15 and real agent processes.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use raftmgr_api::{ClusterView, HistoryEntry, HistoryKind};
@@ -9,45 +8,9 @@ use raftmgr_jepsen::wait;
 use raftmgr_raft::{Event, NodeId};
 use tokio_postgres::NoTls;
 
-const BINARY: &str = env!("CARGO_BIN_EXE_raftmgr");
-const TIMEOUT: Duration = Duration::from_secs(60);
+mod common;
 
-/// Three nodes, node1 the primary, a table `acked` with rows 1..=100.
-async fn replicated_cluster() -> LocalCluster {
-    replicated_cluster_with(Options::default()).await
-}
-
-async fn replicated_cluster_with(options: Options) -> LocalCluster {
-    let options = Options {
-        postgres: true,
-        ..options
-    };
-    let cluster = LocalCluster::start(Path::new(BINARY), &options)
-        .await
-        .unwrap();
-    cluster.setup_replication(&[1, 2, 3]).await.unwrap();
-    sql(&cluster, 1, "CREATE TABLE acked (id int primary key)")
-        .await
-        .unwrap();
-    sql(
-        &cluster,
-        1,
-        "INSERT INTO acked SELECT generate_series(1, 100)",
-    )
-    .await
-    .unwrap();
-    cluster
-}
-
-async fn sql(
-    cluster: &LocalCluster,
-    id: NodeId,
-    query: &str,
-) -> anyhow::Result<Vec<tokio_postgres::Row>> {
-    let (client, connection) = tokio_postgres::connect(&cluster.pg_conninfo(id), NoTls).await?;
-    tokio::spawn(connection);
-    Ok(client.query(query, &[]).await?)
-}
+use common::{replicated_cluster, replicated_cluster_with, sql, TIMEOUT};
 
 /// Waits until every other node streams from `primary`; returns that view.
 async fn wait_all_follow(cluster: &LocalCluster, primary: NodeId) -> ClusterView {

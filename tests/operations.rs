@@ -1,51 +1,14 @@
 //! The operator's actions with real PostgreSQL 15 and real agent processes: manual failover,
 //! restart, reinitialize, and the failover metrics.
 
-use std::path::Path;
-use std::time::Duration;
-
 use raftmgr_api::ClusterView;
-use raftmgr_jepsen::cluster::{LocalCluster, Options};
+use raftmgr_jepsen::cluster::LocalCluster;
 use raftmgr_jepsen::wait;
 use raftmgr_raft::{Event, NodeId, RejoinMethod};
-use tokio_postgres::NoTls;
 
-const BINARY: &str = env!("CARGO_BIN_EXE_raftmgr");
-const TIMEOUT: Duration = Duration::from_secs(60);
+mod common;
 
-/// Three nodes, node1 the primary, a table `acked` with rows 1..=100, every standby streaming.
-async fn replicated_cluster() -> LocalCluster {
-    let options = Options {
-        postgres: true,
-        ..Options::default()
-    };
-    let cluster = LocalCluster::start(Path::new(BINARY), &options)
-        .await
-        .unwrap();
-    cluster.setup_replication(&[1, 2, 3]).await.unwrap();
-    sql(&cluster, 1, "CREATE TABLE acked (id int primary key)")
-        .await
-        .unwrap();
-    sql(
-        &cluster,
-        1,
-        "INSERT INTO acked SELECT generate_series(1, 100)",
-    )
-    .await
-    .unwrap();
-    cluster.wait_streaming(1, &[2, 3], TIMEOUT).await.unwrap();
-    cluster
-}
-
-async fn sql(
-    cluster: &LocalCluster,
-    id: NodeId,
-    query: &str,
-) -> anyhow::Result<Vec<tokio_postgres::Row>> {
-    let (client, connection) = tokio_postgres::connect(&cluster.pg_conninfo(id), NoTls).await?;
-    tokio::spawn(connection);
-    Ok(client.query(query, &[]).await?)
-}
+use common::{replicated_cluster, sql, TIMEOUT};
 
 async fn wait_rows(cluster: &LocalCluster, id: NodeId, expected: i64) {
     wait::until(

@@ -484,6 +484,14 @@ impl Pg {
         check("pg_ctl stop", &out)
     }
 
+    /// `pg_ctl stop -m fast` when a postmaster runs; nothing otherwise.
+    pub fn stop_if_running(&self) -> anyhow::Result<()> {
+        match self.run_state() {
+            RunState::Running { .. } => self.stop("fast"),
+            RunState::Stopped => Ok(()),
+        }
+    }
+
     /// `pg_basebackup` from `upstream_conninfo` with WAL streamed and a replication slot. Shows
     /// a progress bar on a terminal, plain progress lines otherwise.
     pub fn basebackup(
