@@ -146,13 +146,22 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
     shutdown.await;
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
-    for server in [api_server, raft_server] {
-        match tokio::time::timeout(DRAIN_TIMEOUT, server).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => tracing::warn!("HTTP server stopped with an error: {e}"),
-            Ok(Err(e)) => tracing::warn!("HTTP server task failed: {e}"),
-            Err(_) => tracing::warn!("HTTP server did not drain within {DRAIN_TIMEOUT:?}"),
+    let drained = tokio::time::timeout(
+        DRAIN_TIMEOUT,
+        futures::future::join(api_server, raft_server),
+    )
+    .await;
+    match drained {
+        Ok((api, raft)) => {
+            for server in [api, raft] {
+                match server {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!("HTTP server stopped with an error: {e}"),
+                    Err(e) => tracing::warn!("HTTP server task failed: {e}"),
+                }
+            }
         }
+        Err(_) => tracing::warn!("the HTTP servers did not drain within {DRAIN_TIMEOUT:?}"),
     }
     if let Err(e) = raft.shutdown().await {
         tracing::warn!("Raft did not shut down cleanly: {e}");

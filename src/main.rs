@@ -256,6 +256,9 @@ fn main() -> ExitCode {
     }
 }
 
+/// How long the agent's exit waits for blocking work still running.
+const EXIT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 fn run_agent(path: &std::path::Path) -> ExitCode {
     let config = match config::load(path) {
         Ok(config) => config,
@@ -269,7 +272,11 @@ fn run_agent(path: &std::path::Path) -> ExitCode {
         .enable_all()
         .build()
         .expect("a tokio runtime");
-    match runtime.block_on(async { agent::run(config, shutdown_signal()).await }) {
+    let result = runtime.block_on(async { agent::run(config, shutdown_signal()).await });
+    // A blocking call in flight (`pg_ctl start -w`, pg_basebackup) would otherwise hold the exit
+    // until it ends; its child process goes on without us, and the next agent takes it from there.
+    runtime.shutdown_timeout(EXIT_WAIT);
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
