@@ -1,5 +1,5 @@
-//! The agent daemon: opens the store, starts Raft, serves the Raft RPC and the HTTP API, and stops
-//! cleanly when `shutdown` resolves.
+//! The agent daemon: opens the store, starts Raft, serves the Raft RPC and the HTTP API (over TLS
+//! with a `[tls]` section), and stops cleanly when `shutdown` resolves.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::NodeConfig;
+use crate::tls::TlsListener;
 
 /// How long the HTTP servers may take to finish in-flight requests on shutdown.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -57,7 +58,11 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
     let raft_listener = bind(config.file.raft.listen, "raft.listen").await?;
     let api_listener = bind(config.file.api.listen, "api.listen").await?;
 
-    let rpc = RpcClient::new(config.cluster_secret.as_str());
+    let rpc = RpcClient::new(
+        config.cluster_secret.as_str(),
+        config.tls.as_ref().map(|tls| tls.client.clone()),
+    )
+    .context("building the Raft RPC client")?;
     let raft = Raft::new(
         node_id,
         Arc::new(raft_config(&config)?),
@@ -131,15 +136,26 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
         shutdown: stop_rx.clone(),
     };
 
-    let raft_server = tokio::spawn(serve(
-        raft_listener,
-        raftmgr_raft::server::router(raft.clone(), config.cluster_secret.as_str()),
-        stop_rx.clone(),
-    ));
-    let api_server = tokio::spawn(serve(api_listener, raftmgr_api::router(api), stop_rx));
+    let raft_router = raftmgr_raft::server::router(raft.clone(), config.cluster_secret.as_str());
+    let api_router = raftmgr_api::router(api);
+    let (raft_server, api_server) = match &config.tls {
+        None => (
+            tokio::spawn(serve(raft_listener, raft_router, stop_rx.clone())),
+            tokio::spawn(serve(api_listener, api_router, stop_rx)),
+        ),
+        Some(tls) => {
+            let raft_listener = TlsListener::new(raft_listener, tls.raft_server.clone(), "raft")?;
+            let api_listener = TlsListener::new(api_listener, tls.api_server.clone(), "api")?;
+            (
+                tokio::spawn(serve(raft_listener, raft_router, stop_rx.clone())),
+                tokio::spawn(serve(api_listener, api_router, stop_rx)),
+            )
+        }
+    };
     tracing::info!(
         raft = %config.file.raft.listen,
         api = %config.file.api.listen,
+        scheme = config.scheme(),
         "agent running"
     );
 
@@ -176,11 +192,15 @@ async fn bind(addr: std::net::SocketAddr, key: &str) -> anyhow::Result<TcpListen
         .with_context(|| format!("{key} = {addr}: cannot listen there"))
 }
 
-async fn serve(
-    listener: TcpListener,
+async fn serve<L>(
+    listener: L,
     router: axum::Router,
     mut stop: watch::Receiver<bool>,
-) -> std::io::Result<()> {
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     axum::serve(listener, router)
         .with_graceful_shutdown(async move {
             let _ = stop.wait_for(|stop| *stop).await;

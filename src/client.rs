@@ -16,12 +16,24 @@ pub struct Target {
     /// The node's configuration file (its API address and token are read from it).
     #[arg(short, long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// The API's `host:port`, instead of reading it from a configuration.
-    #[arg(long, value_name = "HOST:PORT")]
+    /// The API's `host:port` (plain HTTP, or HTTPS with `--ca-file`) or `https://host:port`,
+    /// instead of reading it from a configuration.
+    #[arg(long, value_name = "[https://]HOST:PORT")]
     pub api: Option<String>,
     /// The API token, instead of reading it from a configuration.
     #[arg(long, env = "RAFTMGR_API_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// With `--api`: the CA bundle (PEM) to check the agent's certificate against (default: the
+    /// built-in web roots). With `--config`, the file's `tls.ca_file` is used.
+    #[arg(long, env = "RAFTMGR_CA_FILE", value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// With `--api`: a client certificate (PEM) for an API with `tls.api_verify_client =
+    /// "required"`. With `--config`, the node's own certificate is presented.
+    #[arg(long, value_name = "FILE", requires = "key_file")]
+    pub cert_file: Option<PathBuf>,
+    /// The private key of `--cert-file` (PEM).
+    #[arg(long, value_name = "FILE", requires = "cert_file")]
+    pub key_file: Option<PathBuf>,
 }
 
 pub struct Client {
@@ -32,28 +44,44 @@ pub struct Client {
 
 impl Client {
     pub fn new(target: &Target) -> anyhow::Result<Client> {
-        let (addr, config_token) = match (&target.api, &target.config) {
-            (Some(api), _) => (api.clone(), None),
+        match (&target.api, &target.config) {
+            (Some(api), _) => {
+                let tls = crate::tls::cli_client_config(
+                    target.ca_file.as_ref(),
+                    target.cert_file.as_ref().zip(target.key_file.as_ref()),
+                )?;
+                let base = match api.split_once("://") {
+                    Some(("http" | "https", _)) => api.trim_end_matches('/').to_string(),
+                    Some((scheme, _)) => {
+                        bail!("--api {api}: the scheme must be http or https, not {scheme}")
+                    }
+                    None if tls.is_some() => format!("https://{api}"),
+                    None => format!("http://{api}"),
+                };
+                Ok(Client {
+                    base,
+                    token: target.token.clone(),
+                    http: http_client(tls)?,
+                })
+            }
             (None, Some(path)) => {
                 let node = config::load(path)?;
-                (node.api_advertise(), Some(node.api_token))
+                let mut client = Client::for_node(&node)?;
+                client.token = target.token.clone().or(client.token);
+                Ok(client)
             }
             (None, None) => bail!("say which node to ask: --config FILE or --api HOST:PORT"),
-        };
-        Ok(Client {
-            base: format!("http://{addr}"),
-            token: target.token.clone().or(config_token),
-            http: reqwest::Client::new(),
-        })
+        }
     }
 
-    /// A client for the agent named in a loaded configuration.
-    pub fn for_node(node: &config::NodeConfig) -> Client {
-        Client {
-            base: format!("http://{}", node.api_advertise()),
+    /// A client for the agent named in a loaded configuration: HTTPS with its `[tls]` section
+    /// (trusting its CA, presenting its certificate), else plain HTTP.
+    pub fn for_node(node: &config::NodeConfig) -> anyhow::Result<Client> {
+        Ok(Client {
+            base: format!("{}://{}", node.scheme(), node.api_advertise()),
             token: Some(node.api_token.clone()),
-            http: reqwest::Client::new(),
-        }
+            http: http_client(node.tls.as_ref().map(|tls| tls.client.clone()))?,
+        })
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
@@ -165,6 +193,15 @@ impl Client {
         }
         Ok(())
     }
+}
+
+fn http_client(tls: Option<rustls::ClientConfig>) -> anyhow::Result<reqwest::Client> {
+    let builder = reqwest::Client::builder();
+    let builder = match tls {
+        Some(config) => builder.use_preconfigured_tls(config),
+        None => builder,
+    };
+    builder.build().context("building the HTTP client")
 }
 
 /// The message of a JSON error answer (`{"error": ...}`), else its body.

@@ -88,7 +88,7 @@ async fn register(
 /// `raftmgr primary init`: a new primary, configured for replication, started and registered.
 pub async fn primary_init(node: &NodeConfig) -> anyhow::Result<()> {
     let (settings, pg) = postgres(node)?;
-    let client = Client::for_node(node);
+    let client = Client::for_node(node)?;
     let view = client.cluster_consistent().await?;
     refuse_if_registered(&view, node)?;
     if let Some(primary) = view.state.primary.and_then(|id| view.state.nodes.get(&id)) {
@@ -124,7 +124,7 @@ pub async fn primary_init(node: &NodeConfig) -> anyhow::Result<()> {
 /// `raftmgr primary register`: registers a running primary.
 pub async fn primary_register(node: &NodeConfig) -> anyhow::Result<()> {
     let (settings, pg) = postgres(node)?;
-    let client = Client::for_node(node);
+    let client = Client::for_node(node)?;
     let view = client.cluster_consistent().await?;
     refuse_if_registered(&view, node)?;
     let local = probe::connect(&pg.local_conninfo(), CONNECT_TIMEOUT)
@@ -151,7 +151,7 @@ pub async fn primary_register(node: &NodeConfig) -> anyhow::Result<()> {
 /// `raftmgr standby clone --from NODE`: a base backup of NODE, configured to stream from it.
 pub async fn standby_clone(node: &NodeConfig, from: &str) -> anyhow::Result<()> {
     let (_, pg) = postgres(node)?;
-    let client = Client::for_node(node);
+    let client = Client::for_node(node)?;
     let view = client.cluster_consistent().await?;
     let upstream = find_node(&view, from)?.clone();
     if upstream.node_id == node.file.node_id {
@@ -224,7 +224,7 @@ pub async fn standby_clone(node: &NodeConfig, from: &str) -> anyhow::Result<()> 
 /// primary). The agent starts it as a standby.
 pub async fn standby_register(node: &NodeConfig, upstream: Option<&str>) -> anyhow::Result<()> {
     let (settings, pg) = postgres(node)?;
-    let client = Client::for_node(node);
+    let client = Client::for_node(node)?;
     let view = client.cluster_consistent().await?;
     refuse_if_registered(&view, node)?;
     if !pg.is_initialized() {
@@ -253,7 +253,7 @@ pub async fn standby_register(node: &NodeConfig, upstream: Option<&str>) -> anyh
 
 /// `raftmgr node unregister [--node NAME]`.
 pub async fn node_unregister(node: &NodeConfig, which: Option<&str>) -> anyhow::Result<()> {
-    let client = Client::for_node(node);
+    let client = Client::for_node(node)?;
     let view = client.cluster_consistent().await?;
     let target = match which {
         Some(name) => find_node(&view, name)?.clone(),
@@ -425,7 +425,7 @@ pub async fn failover(client: &Client, candidate: String, json: bool) -> anyhow:
 /// `raftmgr node restart`: this node's PostgreSQL stopped cleanly and started again; returns
 /// once it runs.
 pub async fn node_restart(node: &NodeConfig) -> anyhow::Result<()> {
-    let client = Client::for_node(node);
+    let client = Client::for_node(node)?;
     let started = std::time::Instant::now();
     let _: serde_json::Value = client.post("/restart", &serde_json::json!({})).await?;
     println!(
@@ -449,7 +449,7 @@ pub async fn node_reinitialize(node: &NodeConfig) -> anyhow::Result<()> {
 }
 
 async fn rejoin_by(node: &NodeConfig, path: &str, what: &str) -> anyhow::Result<()> {
-    let client = Client::for_node(node);
+    let client = Client::for_node(node)?;
     let before = client
         .cluster_consistent()
         .await?
@@ -492,7 +492,7 @@ async fn rejoin_by(node: &NodeConfig, path: &str, what: &str) -> anyhow::Result<
 
 /// `raftmgr node status`: fails (exit code 1) when this node's PostgreSQL does not run.
 pub async fn node_status(node: &NodeConfig, json: bool) -> anyhow::Result<()> {
-    let client = Client::for_node(node);
+    let client = Client::for_node(node)?;
     let (health, running): (raftmgr_api::CheckAnswer, bool) = client.get_check("/health").await?;
     let view = client.cluster().await?;
     let raft_role = view

@@ -43,6 +43,40 @@ pub struct Config {
     /// Lease and failover timing; the same on every node.
     #[serde(default)]
     pub failover: FailoverSection,
+    /// TLS for the API and Raft ports, and for every call between agents. Without it both
+    /// ports speak plain HTTP. Every node of a cluster must have it, or none.
+    #[serde(default)]
+    pub tls: Option<TlsSection>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// This node's certificate (PEM; the chain after it may follow), served on both ports and
+    /// presented to peers as its client certificate on Raft calls. It must name the host of
+    /// `raft.advertise` and `api.advertise` (DNS or IP subject alternative name).
+    pub cert_file: PathBuf,
+    /// Its private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// The CA bundle (PEM) that peers' certificates, server and client, are checked against;
+    /// the CLI trusts it too when it reads this file.
+    pub ca_file: PathBuf,
+    /// Client certificates on the Raft port: `required` (mutual TLS between agents, the
+    /// default), `optional` (checked when presented) or `none`.
+    #[serde(default = "defaults::raft_verify_client")]
+    pub raft_verify_client: VerifyClient,
+    /// Client certificates on the API port (Patroni's `restapi.verify_client`): `none` (the
+    /// default), `optional` or `required`.
+    #[serde(default = "defaults::api_verify_client")]
+    pub api_verify_client: VerifyClient,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VerifyClient {
+    None,
+    Optional,
+    Required,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -223,6 +257,14 @@ pub struct Peer {
 }
 
 pub mod defaults {
+    use super::VerifyClient;
+
+    pub fn raft_verify_client() -> VerifyClient {
+        VerifyClient::Required
+    }
+    pub fn api_verify_client() -> VerifyClient {
+        VerifyClient::None
+    }
     pub fn heartbeat_interval_ms() -> u64 {
         100
     }
@@ -299,6 +341,8 @@ pub struct NodeConfig {
     pub cluster_secret: String,
     pub api_token: String,
     pub postgres: Option<PgSettings>,
+    /// The `[tls]` section's files, loaded and checked.
+    pub tls: Option<crate::tls::NodeTls>,
 }
 
 /// The `[postgres]` section with defaults resolved and the password read.
@@ -332,6 +376,15 @@ impl NodeConfig {
         Member {
             raft_addr: self.raft_advertise(),
             api_addr: self.api_advertise(),
+        }
+    }
+
+    /// `https` with a `[tls]` section, else `http`: the scheme of both ports, on every node.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
         }
     }
 
@@ -424,11 +477,24 @@ pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
             section: pg.clone(),
         }),
     };
+    let tls = match &file.tls {
+        None => None,
+        Some(section) => {
+            Some(
+                crate::tls::load(base, section).map_err(|e| ConfigError::Invalid {
+                    path: shown.clone(),
+                    key: e.key,
+                    message: e.message,
+                })?,
+            )
+        }
+    };
     Ok(NodeConfig {
         file,
         cluster_secret,
         api_token,
         postgres,
+        tls,
     })
 }
 
@@ -902,5 +968,59 @@ replication_password = "secret-password"
         std::fs::remove_file(dir.path().join("secret")).unwrap();
         let e = load(&path).unwrap_err().to_string();
         assert!(e.contains("cannot read") && e.contains("secret"), "{e}");
+    }
+
+    const TLS: &str = r#"
+[tls]
+cert_file = "node1.crt"
+key_file = "node1.key"
+ca_file = "ca.crt"
+"#;
+
+    #[test]
+    fn the_tls_section_asks_for_client_certificates_on_the_raft_port_only() {
+        let c = parse("node.toml", &format!("{GOOD}{TLS}")).unwrap();
+        let tls = c.tls.unwrap();
+        assert_eq!(tls.raft_verify_client, VerifyClient::Required);
+        assert_eq!(tls.api_verify_client, VerifyClient::None);
+        assert!(parse("node.toml", GOOD).unwrap().tls.is_none());
+
+        let e = error_of(&format!("{GOOD}{TLS}api_verify_client = \"yes\"\n"));
+        assert!(
+            e.contains("api_verify_client") && e.contains("unknown variant `yes`"),
+            "{e}"
+        );
+        let e = error_of(&format!(
+            "{GOOD}{}",
+            TLS.replace("ca_file = \"ca.crt\"\n", "")
+        ));
+        assert!(e.contains("missing field `ca_file`"), "{e}");
+    }
+
+    #[test]
+    fn tls_files_are_read_relative_to_the_configuration_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = raftmgr_jepsen::tls::TestCa::new("test CA").unwrap();
+        let issued = ca.issue("node1", &["127.0.0.1".parse().unwrap()]).unwrap();
+        std::fs::write(dir.path().join("ca.crt"), ca.cert_pem()).unwrap();
+        std::fs::write(dir.path().join("node1.crt"), &issued.cert_pem).unwrap();
+        std::fs::write(dir.path().join("node1.key"), &issued.key_pem).unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, format!("{GOOD}{TLS}")).unwrap();
+        let config = load(&path).unwrap();
+        assert!(config.tls.is_some());
+        assert_eq!(config.scheme(), "https");
+        assert_eq!(
+            config.redacted_json()["tls"]["raft_verify_client"],
+            "required"
+        );
+
+        // The key file holds the certificate, not a key.
+        std::fs::write(dir.path().join("node1.key"), &issued.cert_pem).unwrap();
+        let e = load(&path).unwrap_err().to_string();
+        assert!(e.contains("tls.key_file") && e.contains("node1.key"), "{e}");
+        std::fs::remove_file(dir.path().join("node1.key")).unwrap();
+        let e = load(&path).unwrap_err().to_string();
+        assert!(e.contains("tls.key_file: cannot read"), "{e}");
     }
 }

@@ -180,9 +180,9 @@ async fn bring_up(dir: &Path, nodes: &mut [DemoNode]) -> anyhow::Result<()> {
             .context("starting an agent")?;
         node.agent = Some(child);
     }
-    let first = Client::for_node(&nodes[0].config);
+    let first = Client::for_node(&nodes[0].config)?;
     for node in nodes.iter() {
-        let client = Client::for_node(&node.config);
+        let client = Client::for_node(&node.config)?;
         wait_for(
             &format!("{}'s agent", node.name),
             Duration::from_secs(20),

@@ -12,6 +12,7 @@ mod guard;
 mod logging;
 mod pg;
 mod supervisor;
+mod tls;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -409,7 +410,7 @@ async fn run_command(command: Command) -> anyhow::Result<()> {
         }
         Command::Standby(StandbyCommand::Switchover(c)) => {
             let node = load(&c)?;
-            let client = client::Client::for_node(&node);
+            let client = client::Client::for_node(&node)?;
             commands::switchover(&client, Some(node.file.name.clone()), true).await?
         }
         Command::Node(NodeCommand::Rejoin(c)) => commands::node_rejoin(&load(&c)?).await?,

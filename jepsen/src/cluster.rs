@@ -40,6 +40,10 @@ pub struct Options {
     /// Run each node in its own network namespace (root only), so that partitions drop real
     /// packets; otherwise everything is on 127.0.0.1.
     pub network: bool,
+    /// Give every node a `[tls]` section: a fresh CA in `DIR/tls/ca.crt` and, per node, a
+    /// certificate for its address (`DIR/tls/nodeN.crt`, `nodeN.key`); the lab's own HTTP
+    /// client then speaks HTTPS, trusting that CA.
+    pub tls: bool,
 }
 
 impl Default for Options {
@@ -52,6 +56,7 @@ impl Default for Options {
             failover_settings: Vec::new(),
             postgres_settings: Vec::new(),
             network: false,
+            tls: false,
         }
     }
 }
@@ -78,6 +83,8 @@ pub struct LocalCluster {
     binary: PathBuf,
     nodes: Vec<Node>,
     http: reqwest::Client,
+    /// The lab CA's certificate (PEM) when the nodes run with TLS.
+    ca_pem: Option<String>,
 }
 
 impl LocalCluster {
@@ -121,6 +128,16 @@ impl LocalCluster {
                 child: None,
             });
         }
+        let ca = if options.tls {
+            Some(crate::tls::TestCa::new("raftmgr lab CA")?)
+        } else {
+            None
+        };
+        let tls_dir = dir.path().join("tls");
+        if let Some(ca) = &ca {
+            std::fs::create_dir(&tls_dir)?;
+            std::fs::write(tls_dir.join("ca.crt"), ca.cert_pem())?;
+        }
         for node in &nodes {
             let mut text = format!(
                 "node_id = {id}\nname = \"node{id}\"\ndata_dir = \"{data}\"\n\
@@ -154,6 +171,20 @@ impl LocalCluster {
                     );
                 }
             }
+            if let Some(ca) = &ca {
+                let ip: std::net::IpAddr = host(node.id).parse()?;
+                let issued = ca.issue(&format!("node{}", node.id), &[ip])?;
+                let cert = tls_dir.join(format!("node{}.crt", node.id));
+                let key = tls_dir.join(format!("node{}.key", node.id));
+                std::fs::write(&cert, issued.cert_pem)?;
+                write_private(&key, &issued.key_pem)?;
+                text += &format!(
+                    "\n[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\nca_file = \"{}\"\n",
+                    cert.display(),
+                    key.display(),
+                    tls_dir.join("ca.crt").display()
+                );
+            }
             if !options.failover_settings.is_empty() {
                 text += "\n[failover]\n";
                 for line in &options.failover_settings {
@@ -172,15 +203,20 @@ impl LocalCluster {
             }
             std::fs::write(&node.config, text)?;
         }
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(15))
-            .build()?;
+        let ca_pem = ca.as_ref().map(|ca| ca.cert_pem());
+        let mut http = reqwest::Client::builder().timeout(Duration::from_secs(15));
+        if let Some(pem) = &ca_pem {
+            http = http
+                .tls_built_in_root_certs(false)
+                .add_root_certificate(reqwest::Certificate::from_pem(pem.as_bytes())?);
+        }
         Ok(LocalCluster {
             network,
             dir,
             binary: binary.to_path_buf(),
             nodes,
-            http,
+            http: http.build()?,
+            ca_pem,
         })
     }
 
@@ -211,6 +247,21 @@ impl LocalCluster {
 
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// `https` when the nodes run with TLS, else `http`.
+    pub fn scheme(&self) -> &'static str {
+        if self.ca_pem.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    /// The lab CA's certificate (PEM) when the nodes run with TLS; its file is
+    /// `dir()/tls/ca.crt`, beside each node's `nodeN.crt` and `nodeN.key`.
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.ca_pem.as_deref()
     }
 
     pub fn node(&self, id: NodeId) -> &Node {
@@ -414,12 +465,13 @@ impl LocalCluster {
         std::fs::read_to_string(&self.node(id).log).unwrap_or_default()
     }
 
-    fn url(&self, id: NodeId, path: &str) -> String {
-        format!("http://{}{path}", self.node(id).api_addr)
+    /// The URL of `path` on node `id`'s API, with the cluster's scheme.
+    pub fn api_url(&self, id: NodeId, path: &str) -> String {
+        format!("{}://{}{path}", self.scheme(), self.node(id).api_addr)
     }
 
     pub async fn get<T: DeserializeOwned>(&self, id: NodeId, path: &str) -> anyhow::Result<T> {
-        let response = self.http.get(self.url(id, path)).send().await?;
+        let response = self.http.get(self.api_url(id, path)).send().await?;
         decode(response).await
     }
 
@@ -431,7 +483,7 @@ impl LocalCluster {
     ) -> anyhow::Result<T> {
         let response = self
             .http
-            .post(self.url(id, path))
+            .post(self.api_url(id, path))
             .bearer_auth(API_TOKEN)
             .json(body)
             .send()
@@ -471,7 +523,7 @@ impl LocalCluster {
     pub async fn remove_member(&self, via: NodeId, id: NodeId) -> anyhow::Result<MembershipAnswer> {
         let response = self
             .http
-            .delete(self.url(via, &format!("/members/{id}")))
+            .delete(self.api_url(via, &format!("/members/{id}")))
             .bearer_auth(API_TOKEN)
             .send()
             .await?;
@@ -584,6 +636,20 @@ impl Drop for LocalCluster {
             }
         }
     }
+}
+
+/// Writes a private key readable by its owner only.
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = File::options()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(text.as_bytes())?;
+    Ok(())
 }
 
 /// The pid of the live postmaster of `data`, from its postmaster.pid.

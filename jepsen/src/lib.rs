@@ -9,4 +9,5 @@ pub mod cluster;
 pub mod failover_bench;
 pub mod netns;
 pub mod procfs;
+pub mod tls;
 pub mod wait;

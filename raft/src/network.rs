@@ -1,6 +1,8 @@
 //! The Raft RPC client: append-entries, vote and install-snapshot as HTTP POSTs with bincode
-//! bodies. Each request carries the cluster secret and a deadline; connections are pooled and
-//! re-established by reqwest on demand, so a peer that restarts is simply reached again.
+//! bodies, over TLS when the node has a `[tls]` section (then with this node's certificate as
+//! its client identity). Each request carries the cluster secret and a deadline; connections are
+//! pooled and re-established by reqwest on demand, so a peer that restarts is simply reached
+//! again.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,6 +34,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 #[derive(Clone)]
 pub struct RpcClient {
     http: reqwest::Client,
+    /// `http`, or `https` when the client was built with TLS: peers' addresses are `host:port`,
+    /// and every member of a cluster speaks the same.
+    scheme: &'static str,
     secret: Arc<str>,
 }
 
@@ -51,20 +56,29 @@ pub enum RpcFailure {
 }
 
 impl RpcClient {
-    pub fn new(secret: impl Into<Arc<str>>) -> Self {
-        let http = reqwest::Client::builder()
+    /// A client for plain HTTP (`tls: None`) or for HTTPS with `tls`, a rustls configuration
+    /// that trusts the cluster's CA and presents this node's certificate.
+    pub fn new(
+        secret: impl Into<Arc<str>>,
+        tls: Option<rustls::ClientConfig>,
+    ) -> Result<Self, reqwest::Error> {
+        let builder = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build()
-            .expect("a plain HTTP client always builds");
-        RpcClient {
-            http,
+            .pool_idle_timeout(Duration::from_secs(30));
+        let (builder, scheme) = match tls {
+            Some(config) => (builder.use_preconfigured_tls(config), "https"),
+            None => (builder, "http"),
+        };
+        Ok(RpcClient {
+            http: builder.build()?,
+            scheme,
             secret: secret.into(),
-        }
+        })
     }
 
-    /// POSTs `body` (bincode) to `http://{addr}{path}` and decodes the bincode answer.
+    /// POSTs `body` (bincode) to `{scheme}://{addr}{path}` and decodes the bincode answer. A
+    /// failed TLS handshake is a connection that could not be made: the request was not sent.
     pub async fn post<Req, Resp>(
         &self,
         addr: &str,
@@ -76,7 +90,7 @@ impl RpcClient {
         Req: Serialize,
         Resp: DeserializeOwned,
     {
-        let url = format!("http://{addr}{path}");
+        let url = format!("{}://{addr}{path}", self.scheme);
         let response = self
             .http
             .post(&url)
