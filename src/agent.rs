@@ -138,20 +138,15 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
 
     let raft_router = raftmgr_raft::server::router(raft.clone(), config.cluster_secret.as_str());
     let api_router = raftmgr_api::router(api);
-    let (raft_server, api_server) = match &config.tls {
-        None => (
-            tokio::spawn(serve(raft_listener, raft_router, stop_rx.clone())),
-            tokio::spawn(serve(api_listener, api_router, stop_rx)),
-        ),
+    let raft_server = match &config.tls {
+        None => tokio::spawn(serve(raft_listener, raft_router, stop_rx.clone())),
         Some(tls) => {
             let raft_listener = TlsListener::new(raft_listener, tls.raft_server.clone(), "raft")?;
-            let api_listener = TlsListener::new(api_listener, tls.api_server.clone(), "api")?;
-            (
-                tokio::spawn(serve(raft_listener, raft_router, stop_rx.clone())),
-                tokio::spawn(serve(api_listener, api_router, stop_rx)),
-            )
+            tokio::spawn(serve(raft_listener, raft_router, stop_rx.clone()))
         }
     };
+    let api_tls = config.tls.as_ref().map(|tls| tls.api_server.clone());
+    let api_server = serve_api(api_listener.into_std()?, api_router, api_tls, stop_rx)?;
     tracing::info!(
         raft = %config.file.raft.listen,
         api = %config.file.api.listen,
@@ -162,6 +157,8 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
     shutdown.await;
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
+    let api_server = async { api_server.await.map_err(|_| "its thread died".to_string()) };
+    let raft_server = async { raft_server.await.map_err(|e| e.to_string()) };
     let drained = tokio::time::timeout(
         DRAIN_TIMEOUT,
         futures::future::join(api_server, raft_server),
@@ -190,6 +187,51 @@ async fn bind(addr: std::net::SocketAddr, key: &str) -> anyhow::Result<TcpListen
     TcpListener::bind(addr)
         .await
         .with_context(|| format!("{key} = {addr}: cannot listen there"))
+}
+
+/// The API answers load balancers' health checks, which may come by the ten thousand a second;
+/// they must never slow down a failover. So the API runs on a thread of its own, with its own
+/// runtime, at a lower CPU priority (nice +`API_NICE`) than Raft, the supervisor and PostgreSQL.
+/// The listener is registered with that runtime, so its connections are driven there too.
+fn serve_api(
+    listener: std::net::TcpListener,
+    router: axum::Router,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<tokio::sync::oneshot::Receiver<std::io::Result<()>>> {
+    let (done_tx, done) = tokio::sync::oneshot::channel();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("building the API's runtime")?;
+    std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || {
+            lower_priority(API_NICE);
+            let served = runtime.block_on(async move {
+                let listener = TcpListener::from_std(listener)?;
+                match tls {
+                    None => serve(listener, router, stop).await,
+                    Some(tls) => serve(TlsListener::new(listener, tls, "api")?, router, stop).await,
+                }
+            });
+            let _ = done_tx.send(served);
+        })
+        .context("starting the API's thread")?;
+    Ok(done)
+}
+
+/// How much lower the API thread's CPU priority is than the rest of the agent.
+const API_NICE: i32 = 5;
+
+/// Raises the calling thread's nice value by `by` (on Linux nice values are per thread).
+fn lower_priority(by: i32) {
+    let me = Some(rustix::thread::gettid());
+    let lowered = rustix::process::getpriority_process(me)
+        .and_then(|nice| rustix::process::setpriority_process(me, nice + by));
+    if let Err(e) = lowered {
+        tracing::warn!("cannot lower the API thread's priority: {e}");
+    }
 }
 
 async fn serve<L>(

@@ -97,6 +97,31 @@ async fn three_agents_elect_a_leader_and_apply_identically() {
         leaders.iter().all(|l| *l == leaders[0] && l.is_some()),
         "{leaders:?}"
     );
+
+    // The API answers from a thread of its own, at a lower CPU priority than Raft's threads.
+    let pid = cluster.pid(1).unwrap();
+    let nice = thread_nice_values(pid);
+    let api = nice.iter().find(|(name, _)| name == "api").map(|(_, n)| *n);
+    let main = nice[0].1;
+    assert_eq!(api, Some(main + 5), "{nice:?}");
+}
+
+/// (name, nice value) of every thread of process `pid`, the main thread first.
+fn thread_nice_values(pid: u32) -> Vec<(String, i64)> {
+    let mut tids: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().parse().unwrap())
+        .collect();
+    tids.sort();
+    tids.iter()
+        .map(|tid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).unwrap();
+            // "tid (comm) state ppid ...": nice is the 19th field, the 17th after the comm.
+            let (name, rest) = stat.split_once(" (").unwrap().1.rsplit_once(") ").unwrap();
+            let nice = rest.split(' ').nth(16).unwrap().parse().unwrap();
+            (name.to_string(), nice)
+        })
+        .collect()
 }
 
 #[tokio::test]
