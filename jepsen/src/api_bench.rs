@@ -152,26 +152,57 @@ async fn primary_of(cluster: &LocalCluster) -> anyhow::Result<NodeId> {
     view.state.primary.context("no primary")
 }
 
-/// `kill -9` of `old`'s postmaster; the milliseconds until another node is seen the ready
-/// primary of a newer generation.
+/// `kill -9` of `old`'s postmaster; the milliseconds until another node's PostgreSQL is out of
+/// recovery (asked directly, not through the loaded API), then that it is the ready primary of
+/// a newer generation.
 async fn failover(cluster: &LocalCluster, old: NodeId) -> anyhow::Result<f64> {
     let others: Vec<NodeId> = cluster.ids().into_iter().filter(|id| *id != old).collect();
     let generation = cluster.view(others[0]).await?.state.generation;
     let fault = Instant::now();
     cluster.kill_postmaster(old)?;
-    wait::until("a new primary", Duration::from_secs(60), || async {
-        let view = cluster.view(others[0]).await.map_err(|e| e.to_string())?;
-        let s = &view.state;
-        match s.primary {
-            Some(p) if p != old && s.generation > generation && s.primary_ready => Ok(()),
-            _ => Err(format!(
-                "generation {} primary {:?}",
-                s.generation, s.primary
-            )),
-        }
-    })
+    wait::until(
+        "a standby out of recovery",
+        Duration::from_secs(60),
+        || async {
+            for id in &others {
+                if writable(cluster, *id).await {
+                    return Ok(());
+                }
+            }
+            Err("every other node is still in recovery".to_string())
+        },
+    )
     .await?;
-    Ok(fault.elapsed().as_secs_f64() * 1000.0)
+    let elapsed = fault.elapsed();
+    wait::until(
+        "the new primary's committed report",
+        Duration::from_secs(60),
+        || async {
+            let view = cluster.view(others[0]).await.map_err(|e| e.to_string())?;
+            let s = &view.state;
+            match s.primary {
+                Some(p) if p != old && s.generation > generation && s.primary_ready => Ok(()),
+                _ => Err(format!(
+                    "generation {} primary {:?}",
+                    s.generation, s.primary
+                )),
+            }
+        },
+    )
+    .await?;
+    Ok(elapsed.as_secs_f64() * 1000.0)
+}
+
+/// Whether node `id`'s PostgreSQL answers that it is not in recovery.
+async fn writable(cluster: &LocalCluster, id: NodeId) -> bool {
+    let conninfo = format!("{} connect_timeout=1", cluster.pg_conninfo(id));
+    let Ok((client, connection)) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await
+    else {
+        return false;
+    };
+    tokio::spawn(connection);
+    let answer = client.query_one("SELECT pg_is_in_recovery()", &[]).await;
+    answer.is_ok_and(|row| !row.get::<_, bool>(0))
 }
 
 /// Runs wrk against `url` and reads its summary.
