@@ -107,7 +107,7 @@ impl RpcClient {
                         source,
                     }
                 } else {
-                    RpcFailure::Failed(format!("POST {url}: {source}"))
+                    RpcFailure::Failed(format!("POST {url}: {}", with_causes(&source)))
                 }
             })?;
         let status = response.status();
@@ -125,6 +125,17 @@ impl RpcClient {
         codec::decode("RPC answer", &bytes)
             .map_err(|e| RpcFailure::Failed(format!("POST {url}: {e}")))
     }
+}
+
+/// `error: cause: cause ...`: reqwest's own message ("error sending request") says little.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        text = format!("{text}: {e}");
+        cause = e.source();
+    }
+    text
 }
 
 impl RaftNetworkFactory<TypeConfig> for RpcClient {

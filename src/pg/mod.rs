@@ -376,7 +376,7 @@ impl Pg {
     /// crash recovery first when the target was not shut down cleanly. With a `restore_command`,
     /// WAL missing from the target's pg_wal is fetched from the archive.
     pub fn rewind(&self, source_conninfo: &str) -> anyhow::Result<String> {
-        self.remove_stale_pid_file()?;
+        self.remove_stale_lock_files()?;
         let mut command = self.command("pg_rewind");
         command
             .arg("--target-pgdata")
@@ -432,27 +432,39 @@ impl Pg {
             .context("pg_controldata printed no cluster state")
     }
 
-    /// Removes a postmaster.pid whose postmaster is dead, including one not yet reaped: pg_ctl
-    /// and pg_rewind refuse to touch the data directory while `kill(pid, 0)` succeeds on the pid,
-    /// which it does on a zombie. PostgreSQL's own check of its shared memory segment still
-    /// refuses to start while an old backend is attached to it.
-    fn remove_stale_pid_file(&self) -> anyhow::Result<()> {
+    /// Removes the lock files of a dead postmaster, including one not yet reaped: pg_ctl,
+    /// pg_rewind and PostgreSQL itself refuse to start while `kill(pid, 0)` succeeds on the pid
+    /// in postmaster.pid or in the socket's lock file, which it does on a zombie (until whoever
+    /// inherited it reaps it, a second or more in some containers). PostgreSQL's own check of
+    /// its shared memory segment still refuses to start while an old backend is attached to it.
+    fn remove_stale_lock_files(&self) -> anyhow::Result<()> {
         if self.run_state() != RunState::Stopped {
             return Ok(());
         }
-        match std::fs::remove_file(self.data_dir().join("postmaster.pid")) {
-            Ok(()) => {
-                tracing::info!("removed the stale postmaster.pid of a dead postmaster");
-                Ok(())
+        let socket_lock = self
+            .settings
+            .socket_dir
+            .join(format!(".s.PGSQL.{}.lock", self.port()));
+        for lock in [self.data_dir().join("postmaster.pid"), socket_lock] {
+            let Ok(text) = std::fs::read_to_string(&lock) else {
+                continue;
+            };
+            let owner = text.lines().next().and_then(|l| l.trim().parse().ok());
+            if owner.is_some_and(process_alive) {
+                continue;
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e.into()),
+            match std::fs::remove_file(&lock) {
+                Ok(()) => tracing::info!("removed {} of a dead postmaster", lock.display()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
         }
+        Ok(())
     }
 
     /// `pg_ctl start`, waiting until it accepts connections.
     pub fn start(&self) -> anyhow::Result<()> {
-        self.remove_stale_pid_file()?;
+        self.remove_stale_lock_files()?;
         std::fs::create_dir_all(self.data_dir().join("log")).ok();
         self.chown(&self.data_dir().join("log"))?;
         let out = self
@@ -679,6 +691,46 @@ mod tests {
         assert!(!process_alive(pid), "a zombie is not alive");
         child.wait().unwrap();
         assert!(!process_alive(pid));
+    }
+
+    #[test]
+    fn lock_files_of_a_dead_or_zombie_postmaster_are_removed_and_a_live_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("pgdata");
+        std::fs::create_dir(&data).unwrap();
+        let section: crate::config::PostgresSection =
+            toml::from_str(&format!("data_directory = {:?}\nport = 5999", data)).unwrap();
+        let pg = Pg::new(&crate::config::PgSettings {
+            section,
+            bin_dir: dir.path().into(),
+            socket_dir: dir.path().into(),
+            conninfo: String::new(),
+            replication_password: String::new(),
+        })
+        .unwrap();
+        let pid_file = data.join("postmaster.pid");
+        let socket_lock = dir.path().join(".s.PGSQL.5999.lock");
+        let write_locks = |pid: i32| {
+            for lock in [&pid_file, &socket_lock] {
+                std::fs::write(lock, format!("{pid}\n{}\n", data.display())).unwrap();
+            }
+        };
+
+        // A zombie: exited, not reaped.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let zombie = child.id() as i32;
+        while process_alive(zombie) {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        write_locks(zombie);
+        pg.remove_stale_lock_files().unwrap();
+        assert!(!pid_file.exists() && !socket_lock.exists());
+        child.wait().unwrap();
+
+        // Another live process owns the socket's lock: it stays.
+        std::fs::write(&socket_lock, format!("{}\n", std::process::id())).unwrap();
+        pg.remove_stale_lock_files().unwrap();
+        assert!(socket_lock.exists());
     }
 
     #[test]
