@@ -4,8 +4,10 @@
 //!
 //! Each run starts a fresh cluster, then: wrk on `GET /primary` of the primary's agent, wrk on
 //! `GET /cluster` of the same agent, each for `duration_secs`; then the time from `kill -9` of
-//! the primary's postmaster to a new primary seen promoted, once without load and once with wrk
-//! loading `GET /primary` on every agent.
+//! the primary's postmaster until a standby's PostgreSQL answers that it left recovery, once
+//! without load and once with wrk loading `GET /primary` on every agent. `--wrk-nice` runs wrk
+//! at a lower CPU priority, which stands for a load balancer on another host: on one 2-core
+//! machine wrk at full speed otherwise takes CPU the failover needs.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -39,6 +41,9 @@ pub struct BenchApiArgs {
     /// wrk's threads.
     #[arg(long, default_value_t = 1)]
     pub threads: u32,
+    /// The nice value wrk runs at (0: the same priority as the cluster).
+    #[arg(long, default_value_t = 0)]
+    pub wrk_nice: i32,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -54,9 +59,11 @@ pub struct WrkResult {
 pub struct ApiRun {
     pub primary: WrkResult,
     pub cluster: WrkResult,
-    /// `kill -9` of the primary's postmaster to a new primary seen ready.
+    /// `kill -9` of the primary's postmaster until a standby left recovery.
     pub failover_idle_ms: f64,
     pub failover_loaded_ms: f64,
+    /// What the three agents answered together meanwhile (`GET /primary`, requests/s).
+    pub loaded_requests_per_s: f64,
 }
 
 pub async fn bench_api(args: BenchApiArgs) -> anyhow::Result<()> {
@@ -71,7 +78,8 @@ pub async fn bench_api(args: BenchApiArgs) -> anyhow::Result<()> {
             .with_context(|| format!("run {number}"))?;
         println!(
             "run {number}: /primary {:.0} req/s p50 {:.2} ms p99 {:.2} ms ({} errors); /cluster \
-             {:.0} req/s p99 {:.2} ms; failover {:.0} ms idle, {:.0} ms under load",
+             {:.0} req/s p99 {:.2} ms; failover {:.0} ms idle, {:.0} ms under load ({:.0} \
+             req/s on the three agents)",
             run.primary.requests_per_s,
             run.primary.p50_ms,
             run.primary.p99_ms,
@@ -79,7 +87,8 @@ pub async fn bench_api(args: BenchApiArgs) -> anyhow::Result<()> {
             run.cluster.requests_per_s,
             run.cluster.p99_ms,
             run.failover_idle_ms,
-            run.failover_loaded_ms
+            run.failover_loaded_ms,
+            run.loaded_requests_per_s
         );
         runs.push(run);
     }
@@ -91,6 +100,8 @@ pub async fn bench_api(args: BenchApiArgs) -> anyhow::Result<()> {
         "cluster_p99_ms": stat(|r| r.cluster.p99_ms),
         "failover_idle_ms": stat(|r| r.failover_idle_ms),
         "failover_loaded_ms": stat(|r| r.failover_loaded_ms),
+        "loaded_requests_per_s": stat(|r| r.loaded_requests_per_s),
+        "wrk_nice": args.wrk_nice,
         "targets": {
             "primary_requests_per_s": TARGET_PRIMARY_REQUESTS_PER_S,
             "primary_p99_ms": TARGET_PRIMARY_P99_MS,
@@ -136,14 +147,16 @@ async fn one_run(binary: &std::path::Path, args: &BenchApiArgs) -> anyhow::Resul
     // Let the load settle before the fault.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let failover_loaded_ms = failover(&cluster, new_primary).await?;
+    let mut loaded_requests_per_s = 0.0;
     for load in loads {
-        load.await??;
+        loaded_requests_per_s += load.await??.requests_per_s;
     }
     Ok(ApiRun {
         primary,
         cluster: cluster_read,
         failover_idle_ms,
         failover_loaded_ms,
+        loaded_requests_per_s,
     })
 }
 
@@ -207,8 +220,8 @@ async fn writable(cluster: &LocalCluster, id: NodeId) -> bool {
 
 /// Runs wrk against `url` and reads its summary.
 async fn wrk(url: &str, args: &BenchApiArgs, seconds: u64) -> anyhow::Result<WrkResult> {
-    let out = tokio::process::Command::new("wrk")
-        .args(["--latency", "-t"])
+    let out = tokio::process::Command::new("nice")
+        .args(["-n", &args.wrk_nice.to_string(), "wrk", "--latency", "-t"])
         .arg(args.threads.to_string())
         .arg("-c")
         .arg(args.connections.to_string())
