@@ -479,7 +479,9 @@ async fn while_paused_no_failover_happens_and_resume_lets_it_proceed() {
         .unwrap();
     // The pause is committed when the command returns; node 3 applies it a heartbeat later.
     wait::until("node 3 to show the pause", TIMEOUT, || async {
-        let table = cluster.raftmgr_ok(3, &["cluster", "show"]).map_err(|e| e.to_string())?;
+        let table = cluster
+            .raftmgr_ok(3, &["cluster", "show"])
+            .map_err(|e| e.to_string())?;
         if table.contains("PAUSED") {
             Ok(())
         } else {

@@ -93,7 +93,7 @@ impl RpcClient {
                         source,
                     }
                 } else {
-                    RpcFailure::Failed(format!("POST {url}: {source}"))
+                    RpcFailure::Failed(format!("POST {url}: {}", with_causes(&source)))
                 }
             })?;
         let status = response.status();
@@ -111,6 +111,18 @@ impl RpcClient {
         codec::decode("RPC answer", &bytes)
             .map_err(|e| RpcFailure::Failed(format!("POST {url}: {e}")))
     }
+}
+
+/// `error: its cause: its cause's cause`: reqwest's own message ("error sending request") says
+/// nothing about what went wrong.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        text += &format!(": {e}");
+        cause = e.source();
+    }
+    text
 }
 
 impl RaftNetworkFactory<TypeConfig> for RpcClient {
