@@ -6,9 +6,10 @@
 //! switchovers, restarts, rejoins and pauses really happen.
 //!
 //! Needs schemathesis in `/opt/raftmgr-schemathesis` (`scripts/test` installs it) or named by
-//! `RAFTMGR_SCHEMATHESIS`. The run is bounded (a few examples per operation, a time limit) and
-//! replays from its seed; `tests/api_fuzz/schemathesis.toml` holds its settings. The README
-//! ("Fuzzing the API") has the command to run it by hand.
+//! `RAFTMGR_SCHEMATHESIS`. The run is bounded ([`MAX_EXAMPLES`] per operation, killed after
+//! [`RUN_TIMEOUT`]) and sends the same requests for the same seed (what the cluster answers
+//! still depends on timing); `tests/api_fuzz/schemathesis.toml` and `hooks.py` hold its
+//! settings. The README ("Fuzzing the API") has the command to run it by hand.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
