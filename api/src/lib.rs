@@ -12,9 +12,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use axum::extract::rejection::JsonRejection;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, JsonRejection, PathRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
@@ -24,6 +25,7 @@ use raftmgr_raft::forward::{self, ForwardError, Proposer, Reply, Request};
 use raftmgr_raft::state::RecordedEvent;
 use raftmgr_raft::{ClusterState, Event, Member, NodeId, NodeSummary, Outcome, Raft};
 use raftmgr_storage::{AtOpen, StoreView};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -125,7 +127,25 @@ pub fn router(api: Api) -> Router {
         .route("/health", get(check_health))
         .route("/readiness", get(check_readiness))
         .route("/openapi.json", get(openapi))
+        .fallback(no_such_path)
+        .method_not_allowed_fallback(no_such_method)
         .with_state(api)
+}
+
+/// Any path the router does not know: a JSON 404 like every other error.
+async fn no_such_path(uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("no such path: {}; see GET /openapi.json", uri.path()),
+    )
+}
+
+/// A known path with a method it does not serve: a JSON 405 (axum adds the `Allow` header).
+async fn no_such_method(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{} does not answer {method}", uri.path()),
+    )
 }
 
 /// `GET /cluster`: this member's view of Raft and the applied cluster state.
@@ -356,6 +376,7 @@ async fn openapi() -> impl IntoResponse {
 }
 
 /// A JSON error answer.
+#[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
     message: String,
@@ -384,6 +405,53 @@ impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> Self {
         ApiError::new(StatusCode::BAD_REQUEST, rejection.body_text())
     }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(rejection: PathRejection) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, rejection.body_text())
+    }
+}
+
+impl From<BytesRejection> for ApiError {
+    fn from(rejection: BytesRejection) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, rejection.body_text())
+    }
+}
+
+/// An optional JSON body: an empty one means `T::default()`; any other must be JSON (and say
+/// so in its `Content-Type`) of the shape of `T`, else a 400 naming the problem.
+fn optional_json<T: DeserializeOwned + Default>(
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<T, ApiError> {
+    if body.is_empty() {
+        return Ok(T::default());
+    }
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if essence != "application/json" && !essence.ends_with("+json") {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "a body needs Content-Type: application/json (got {content_type:?}); or send none"
+            ),
+        ));
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("the JSON body does not fit: {e}"),
+        )
+    })
 }
 
 impl From<ForwardError> for ApiError {
@@ -459,6 +527,7 @@ async fn init(
 }
 
 #[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AddMember {
     pub node_id: NodeId,
     pub raft_addr: String,
@@ -470,6 +539,29 @@ pub struct AddMember {
 
 fn yes() -> bool {
     true
+}
+
+/// `HOST:PORT` as a member's address: a DNS name or IPv4 address (letters, digits, `.`, `-`)
+/// or a bracketed IPv6 address, and a port from 1 to 65535 — what openapi.json's pattern says.
+pub fn is_host_port(addr: &str) -> bool {
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return false;
+    };
+    let port_ok = !port.is_empty()
+        && port.len() <= 5
+        && port.bytes().all(|b| b.is_ascii_digit())
+        && !port.starts_with('0')
+        && port.parse::<u16>().is_ok();
+    let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => {
+            !host.is_empty()
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+        }
+    };
+    port_ok && host_ok
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -491,6 +583,14 @@ async fn add_member(
             "node_id must be positive",
         ));
     }
+    for (field, addr) in [("raft_addr", &add.raft_addr), ("api_addr", &add.api_addr)] {
+        if !is_host_port(addr) {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("{field}={addr:?} is not HOST:PORT (a name, an IPv4 address or [IPv6], and a port 1-65535)"),
+            ));
+        }
+    }
     membership_change(
         &api,
         Request::AddMember {
@@ -509,9 +609,10 @@ async fn add_member(
 async fn remove_member(
     State(api): State<Api>,
     headers: HeaderMap,
-    Path(node_id): Path<NodeId>,
+    node_id: Result<Path<NodeId>, PathRejection>,
 ) -> Result<Json<MembershipAnswer>, ApiError> {
     authorize(&api, &headers)?;
+    let Path(node_id) = node_id?;
     membership_change(&api, Request::RemoveMember { node_id }).await
 }
 
@@ -549,10 +650,10 @@ pub struct SwitchoverAnswer {
 async fn switchover(
     State(api): State<Api>,
     headers: HeaderMap,
-    body: Result<Json<SwitchoverRequest>, JsonRejection>,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<SwitchoverAnswer>, ApiError> {
     authorize(&api, &headers)?;
-    let Json(request) = body?;
+    let request: SwitchoverRequest = optional_json(&headers, &body?)?;
     api.proposer.read_barrier().await?;
     let state = api.store.cluster_state();
     let refuse = |message: String| ApiError::new(StatusCode::CONFLICT, message);
@@ -571,6 +672,15 @@ async fn switchover(
             "the primary {} is not running; that is a failover, not a switchover",
             name_of(primary)
         )));
+    }
+    // The primary would stop and resign, and the promotion that ends a switchover waits for the
+    // resume: the cluster would be left without a primary (found by the API fuzz run).
+    if state.paused {
+        return Err(refuse(
+            "automatic failover is paused, and the promotion that ends a switchover waits for \
+             the resume: resume first (POST /resume, raftmgr resume)"
+                .into(),
+        ));
     }
     if let Some(leader) = &request.leader {
         if *leader != name_of(primary) {
@@ -652,12 +762,22 @@ pub struct PauseAnswer {
 async fn pause(
     State(api): State<Api>,
     headers: HeaderMap,
-    body: Option<Json<PauseRequest>>,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<PauseAnswer>, ApiError> {
     authorize(&api, &headers)?;
-    let reason = body
-        .and_then(|Json(b)| b.reason)
-        .unwrap_or_else(|| "maintenance".into());
+    let request: PauseRequest = optional_json(&headers, &body?)?;
+    let reason = request.reason.unwrap_or_else(|| "maintenance".into());
+    // Paused, the promotion that ends a switchover would wait, the old primary already stopped.
+    api.proposer.read_barrier().await?;
+    if let Some(switchover) = api.store.cluster_state().pending_switchover() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "a switchover is under way (log index {}); pause once it is done",
+                switchover.log_index
+            ),
+        ));
+    }
     set_paused(&api, Event::Paused { reason }, true).await
 }
 
@@ -1017,22 +1137,26 @@ pub struct ReplicaQuery {
     pub lag: Option<String>,
 }
 
-/// Parses PostgreSQL-style sizes: `1000`, `512kB`, `10MB`, `1GB`.
+/// Parses PostgreSQL-style sizes: `1000`, `512kB`, `10MB`, `1GB` — up to 18 digits, then
+/// optionally `B`, `kB`, `MB` or `GB` (powers of 1024, any case), nothing else (openapi.json's
+/// pattern for `lag`). A size beyond `u64::MAX` bytes is `u64::MAX`: no lag is that large.
 pub fn parse_size_bytes(text: &str) -> Option<u64> {
-    let text = text.trim();
     let digits_end = text
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(text.len());
     let (number, unit) = text.split_at(digits_end);
+    if number.is_empty() || number.len() > 18 {
+        return None;
+    }
     let number: u64 = number.parse().ok()?;
-    let factor = match unit.trim().to_ascii_lowercase().as_str() {
+    let factor: u64 = match unit.to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "kb" => 1 << 10,
         "mb" => 1 << 20,
         "gb" => 1 << 30,
         _ => return None,
     };
-    number.checked_mul(factor)
+    Some(number.saturating_mul(factor))
 }
 
 /// `GET /replica[?lag=10MB]`: 200 on a running standby (within the lag limit, when given).
@@ -1225,7 +1349,9 @@ async fn metrics(State(api): State<Api>) -> impl IntoResponse {
 mod tests {
     use std::collections::BTreeSet;
 
-    use super::{parse_size_bytes, OPENAPI};
+    use axum::http::StatusCode;
+
+    use super::{is_host_port, optional_json, parse_size_bytes, PauseRequest, OPENAPI};
 
     /// `(method, path)` of every `.route(...)` in `router()`, read from this file's source.
     fn routes_in_router() -> BTreeSet<(String, String)> {
@@ -1279,6 +1405,84 @@ mod tests {
         );
     }
 
+    /// `POST /events` takes the `Event` schema and the fuzz run checks answers against it: a new
+    /// event variant must be described there too.
+    #[test]
+    fn the_event_schema_describes_every_event_kind() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+        let variants = doc["components"]["schemas"]["Event"]["oneOf"]
+            .as_array()
+            .expect("Event is a oneOf");
+        let described: BTreeSet<String> = variants
+            .iter()
+            .flat_map(|v| {
+                let tags = v["required"].as_array().cloned().unwrap_or_default();
+                let unit = v["enum"].as_array().cloned().unwrap_or_default();
+                tags.into_iter().chain(unit)
+            })
+            .filter_map(|t| t.as_str().map(str::to_string))
+            .collect();
+        let kinds: BTreeSet<String> = raftmgr_raft::event::EVENT_KINDS
+            .iter()
+            .map(|k| k.to_string())
+            .collect();
+        assert_eq!(described, kinds);
+    }
+
+    #[test]
+    fn member_addresses_are_host_and_port() {
+        for good in [
+            "10.0.0.1:7001",
+            "db-1.example.com:8001",
+            "[::1]:7001",
+            "h:65535",
+        ] {
+            assert!(is_host_port(good), "{good}");
+        }
+        for bad in [
+            "",
+            "10.0.0.1",
+            ":7001",
+            "h:0",
+            "h:65536",
+            "h:07001",
+            "h:+1",
+            "a b:1",
+            "h\u{92}:1",
+            "[zz]:1",
+            "a:b:1",
+            "h:",
+        ] {
+            assert!(!is_host_port(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn an_optional_body_is_empty_or_json_of_its_shape() {
+        use axum::http::{header, HeaderMap, HeaderValue};
+        let mut json = HeaderMap::new();
+        json.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        let none = HeaderMap::new();
+        let empty: PauseRequest = optional_json(&none, b"").unwrap();
+        assert_eq!(empty.reason, None);
+        let given: PauseRequest = optional_json(&json, br#"{"reason": "x"}"#).unwrap();
+        assert_eq!(given.reason.as_deref(), Some("x"));
+        for (headers, body) in [
+            (&json, &br#"{"reason": {}}"#[..]),
+            (&json, b"\x00"),
+            (&json, b" "),
+            (&json, br#"{"colour": "blue"}"#),
+            (&none, br#"{"reason": "x"}"#),
+        ] {
+            let e = optional_json::<PauseRequest>(headers, body).err().unwrap();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST);
+            assert!(!e.message.is_empty());
+        }
+    }
+
     #[test]
     fn sizes_parse_like_postgres() {
         assert_eq!(parse_size_bytes("1000"), Some(1000));
@@ -1287,5 +1491,19 @@ mod tests {
         assert_eq!(parse_size_bytes("1GB"), Some(1 << 30));
         assert_eq!(parse_size_bytes("ten"), None);
         assert_eq!(parse_size_bytes("10XB"), None);
+        assert_eq!(parse_size_bytes("10mb"), Some(10 << 20));
+        assert_eq!(parse_size_bytes("999999999999999999GB"), Some(u64::MAX));
+        for bad in [
+            "",
+            "MB",
+            " 10MB",
+            "10 MB",
+            "10MB\n",
+            "0.5",
+            "-1",
+            "1234567890123456789",
+        ] {
+            assert_eq!(parse_size_bytes(bad), None, "{bad:?}");
+        }
     }
 }

@@ -20,6 +20,11 @@ const NO_LEADER_RETRY: Duration = Duration::from_millis(50);
 /// How long a membership change waits for the previous one to finish committing.
 const MEMBERSHIP_IN_PROGRESS_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long adding a voter waits for it to replicate as a learner first. Shorter than the
+/// default proposal timeout, so that a request forwarded to the leader gets this answer rather
+/// than "outcome unknown".
+const LEARNER_CATCH_UP_TIMEOUT: Duration = Duration::from_secs(8);
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Request {
     Propose(Event),
@@ -99,9 +104,13 @@ pub async fn execute_locally(raft: &Raft, request: Request) -> Result<Reply, For
             member,
             voter,
         } => {
+            // Not openraft's blocking add: it waits for the learner without a deadline, so an
+            // unreachable address held the request (and its caller) forever.
             let mut response =
-                after_membership_change(|| raft.add_learner(node_id, member.clone(), true)).await?;
+                after_membership_change(|| raft.add_learner(node_id, member.clone(), false))
+                    .await?;
             if voter {
+                wait_caught_up(raft, node_id, &member, response.log_id.index).await?;
                 let add = ChangeMembers::AddVoterIds(BTreeSet::from([node_id]));
                 response =
                     after_membership_change(|| raft.change_membership(add.clone(), false)).await?;
@@ -134,6 +143,42 @@ pub async fn execute_locally(raft: &Raft, request: Request) -> Result<Reply, For
                 log_index: response.log_id.index,
             })
         }
+    }
+}
+
+/// Waits until the leader has replicated to learner `node_id` the entry that added it, for at
+/// most [`LEARNER_CATCH_UP_TIMEOUT`]; it is not made a voter otherwise, so that an unreachable
+/// member never counts towards the quorum.
+async fn wait_caught_up(
+    raft: &Raft,
+    node_id: NodeId,
+    member: &Member,
+    added_at_index: u64,
+) -> Result<(), ForwardError> {
+    let caught_up = raft
+        .wait(Some(LEARNER_CATCH_UP_TIMEOUT))
+        .metrics(
+            |m| {
+                m.replication
+                    .as_ref()
+                    .and_then(|r| r.get(&node_id))
+                    .and_then(|matched| matched.as_ref())
+                    .is_some_and(|matched| matched.index >= added_at_index)
+            },
+            "the new learner to catch up",
+        )
+        .await;
+    match caught_up {
+        Ok(_) => Ok(()),
+        Err(openraft::metrics::WaitError::Timeout(..)) => Err(ForwardError::Refused(format!(
+            "node {node_id} was added as a learner but has not replicated within \
+             {LEARNER_CATCH_UP_TIMEOUT:?} (does its agent run and answer at {}?), so it was not \
+             made a voter; add it again once it runs, or remove it",
+            member.raft_addr
+        ))),
+        Err(e) => Err(ForwardError::Failed(format!(
+            "waiting for node {node_id} to catch up: {e}"
+        ))),
     }
 }
 
