@@ -673,15 +673,6 @@ async fn switchover(
             name_of(primary)
         )));
     }
-    // The primary would stop and resign, and the promotion that ends a switchover waits for the
-    // resume: the cluster would be left without a primary (found by the API fuzz run).
-    if state.paused {
-        return Err(refuse(
-            "automatic failover is paused, and the promotion that ends a switchover waits for \
-             the resume: resume first (POST /resume, raftmgr resume)"
-                .into(),
-        ));
-    }
     if let Some(leader) = &request.leader {
         if *leader != name_of(primary) {
             return Err(refuse(format!(
@@ -767,17 +758,6 @@ async fn pause(
     authorize(&api, &headers)?;
     let request: PauseRequest = optional_json(&headers, &body?)?;
     let reason = request.reason.unwrap_or_else(|| "maintenance".into());
-    // Paused, the promotion that ends a switchover would wait, the old primary already stopped.
-    api.proposer.read_barrier().await?;
-    if let Some(switchover) = api.store.cluster_state().pending_switchover() {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            format!(
-                "a switchover is under way (log index {}); pause once it is done",
-                switchover.log_index
-            ),
-        ));
-    }
     set_paused(&api, Event::Paused { reason }, true).await
 }
 
@@ -789,7 +769,13 @@ async fn resume(State(api): State<Api>, headers: HeaderMap) -> Result<Json<Pause
 
 async fn set_paused(api: &Api, event: Event, paused: bool) -> Result<Json<PauseAnswer>, ApiError> {
     let applied = api.proposer.propose(event).await?;
-    // Pausing twice is fine: the answer says how things are.
+    // Pausing twice is fine: the answer says how things are. `apply` refuses a pause while a
+    // switchover is under way (its promotion would wait, the old primary already stopped).
+    if let Outcome::NoOp { reason } = applied.outcome {
+        if api.store.cluster_state().paused != paused {
+            return Err(ApiError::new(StatusCode::CONFLICT, reason));
+        }
+    }
     Ok(Json(PauseAnswer {
         paused,
         log_index: applied.log_index,

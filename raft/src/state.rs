@@ -397,6 +397,13 @@ impl ClusterState {
             let already = if paused { "paused" } else { "not paused" };
             return Outcome::no_op(format!("automatic failover is already {already}"));
         }
+        // Paused, the promotion that ends a switchover would wait with the old primary stopped.
+        if let Some(switchover) = self.pending_switchover().filter(|_| paused) {
+            return Outcome::no_op(format!(
+                "a switchover is under way (log index {}); pause once it is done",
+                switchover.log_index
+            ));
+        }
         self.paused = paused;
         Outcome::Applied
     }
@@ -422,6 +429,13 @@ impl ClusterState {
             return Outcome::no_op(format!(
                 "node {primary} is not a running primary; nothing to switch over"
             ));
+        }
+        // The primary would stop, and the promotion that ends a switchover waits for the resume.
+        if self.paused {
+            return Outcome::no_op(
+                "automatic failover is paused, and the promotion that ends a switchover waits \
+                 for the resume: resume first",
+            );
         }
         if let Some(pending) = self.pending_switchover() {
             return Outcome::no_op(format!(
@@ -650,6 +664,50 @@ mod tests {
     }
 
     #[test]
+    fn a_switchover_and_a_pause_exclude_each_other() {
+        let mut state = ClusterState::default();
+        state.apply(&Event::NodeRegistered(registration(1, PgRole::Primary)), 1);
+        state.apply(&Event::NodeRegistered(registration(2, PgRole::Standby)), 2);
+        let switchover = Event::SwitchoverRequested {
+            primary: 1,
+            generation: 1,
+            candidate: Some(2),
+        };
+        let pause = Event::Paused {
+            reason: "test".into(),
+        };
+        assert_eq!(state.apply(&switchover, 3), Outcome::Applied);
+        let refused = state.apply(&pause, 4);
+        assert!(
+            matches!(&refused, Outcome::NoOp { reason } if reason.contains("switchover is under way")),
+            "{refused:?}"
+        );
+        assert!(!state.paused);
+
+        state.apply(&Event::PromotionDecided(decision(1, 2)), 5);
+        let completed = Event::PromotionCompleted {
+            node_id: 2,
+            generation: 2,
+            timeline: None,
+            lsn: None,
+        };
+        state.apply(&completed, 6);
+        assert!(state.pending_switchover().is_none(), "carried out");
+        assert_eq!(state.apply(&pause, 7), Outcome::Applied);
+        let back = Event::SwitchoverRequested {
+            primary: 2,
+            generation: 2,
+            candidate: Some(1),
+        };
+        let refused = state.apply(&back, 8);
+        assert!(
+            matches!(&refused, Outcome::NoOp { reason } if reason.contains("paused")),
+            "{refused:?}"
+        );
+        assert!(state.pending_switchover().is_none());
+    }
+
+    #[test]
     fn a_lease_for_an_old_generation_is_refused() {
         let mut state = ClusterState::default();
         state.apply(&Event::NodeRegistered(registration(1, PgRole::Primary)), 1);
@@ -792,6 +850,18 @@ mod tests {
                     let named = *primary_of_generation.entry(state.generation).or_insert(primary);
                     prop_assert_eq!(named, primary, "two primaries in generation {}", state.generation);
                 }
+            }
+        }
+
+        #[test]
+        fn never_paused_with_a_switchover_under_way(events in prop::collection::vec(arb_event(), 0..200)) {
+            let mut state = ClusterState::default();
+            for (i, event) in events.iter().enumerate() {
+                state.apply(event, i as u64 + 1);
+                prop_assert!(
+                    !(state.paused && state.pending_switchover().is_some()),
+                    "paused with a switchover under way after {:?}", event
+                );
             }
         }
 
