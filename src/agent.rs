@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use openraft::SnapshotPolicy;
+use raftmgr_api::pace::Pace;
 use raftmgr_raft::forward::Proposer;
 use raftmgr_raft::network::RpcClient;
 use raftmgr_raft::{Member, NodeId, Raft};
@@ -137,7 +138,11 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
     };
 
     let raft_router = raftmgr_raft::server::router(raft.clone(), config.cluster_secret.as_str());
-    let api_router = raftmgr_api::router(api);
+    let api_router = match Pace::per_second(config.file.api.max_requests_per_s) {
+        Some(pace) => raftmgr_api::router(api)
+            .layer(axum::middleware::from_fn_with_state(pace, raftmgr_api::pace::paced)),
+        None => raftmgr_api::router(api),
+    };
     let raft_server = match &config.tls {
         None => tokio::spawn(serve(raft_listener, raft_router, stop_rx.clone())),
         Some(tls) => {

@@ -246,6 +246,10 @@ pub struct ApiSection {
     /// `host:port` others use to reach it (default: `listen`).
     #[serde(default)]
     pub advertise: Option<String>,
+    /// Requests the API serves per second on average; more wait for their turn (0: no limit).
+    /// A flood of checks must not take the CPU a failover needs.
+    #[serde(default = "defaults::api_max_requests_per_s")]
+    pub max_requests_per_s: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -264,6 +268,9 @@ pub mod defaults {
     }
     pub fn api_verify_client() -> VerifyClient {
         VerifyClient::None
+    }
+    pub fn api_max_requests_per_s() -> u32 {
+        20_000
     }
     pub fn heartbeat_interval_ms() -> u64 {
         100
@@ -835,7 +842,10 @@ api_addr = "127.0.0.1:8002"
             c.raft.heartbeat_interval_ms,
             defaults::heartbeat_interval_ms()
         );
+        assert_eq!(c.api.max_requests_per_s, 20_000);
         assert_eq!(c.peers.len(), 1);
+        let unlimited = GOOD.replace("[api]", "[api]\nmax_requests_per_s = 0");
+        assert_eq!(parse("node.toml", &unlimited).unwrap().api.max_requests_per_s, 0);
     }
 
     #[test]
@@ -862,6 +872,8 @@ api_addr = "127.0.0.1:8002"
         assert!(e.contains("peers.node_id"), "{e}");
         let e = error_of(&GOOD.replace("name = \"node1\"", "name = \"node 1\""));
         assert!(e.contains("name:"), "{e}");
+        let e = error_of(&GOOD.replace("[api]", "[api]\nmax_requests_per_s = -1"));
+        assert!(e.contains("max_requests_per_s"), "{e}");
     }
 
     const PG: &str = r#"

@@ -6,6 +6,7 @@
 
 mod follow;
 mod history;
+pub mod pace;
 mod promotions;
 
 use std::collections::{BTreeMap, BTreeSet};
