@@ -139,8 +139,10 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
 
     let raft_router = raftmgr_raft::server::router(raft.clone(), config.cluster_secret.as_str());
     let api_router = match Pace::per_second(config.file.api.max_requests_per_s) {
-        Some(pace) => raftmgr_api::router(api)
-            .layer(axum::middleware::from_fn_with_state(pace, raftmgr_api::pace::paced)),
+        Some(pace) => raftmgr_api::router(api).layer(axum::middleware::from_fn_with_state(
+            pace,
+            raftmgr_api::pace::paced,
+        )),
         None => raftmgr_api::router(api),
     };
     let raft_server = match &config.tls {

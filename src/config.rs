@@ -845,7 +845,13 @@ api_addr = "127.0.0.1:8002"
         assert_eq!(c.api.max_requests_per_s, 20_000);
         assert_eq!(c.peers.len(), 1);
         let unlimited = GOOD.replace("[api]", "[api]\nmax_requests_per_s = 0");
-        assert_eq!(parse("node.toml", &unlimited).unwrap().api.max_requests_per_s, 0);
+        assert_eq!(
+            parse("node.toml", &unlimited)
+                .unwrap()
+                .api
+                .max_requests_per_s,
+            0
+        );
     }
 
     #[test]

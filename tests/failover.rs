@@ -456,7 +456,10 @@ async fn while_paused_no_failover_happens_and_resume_lets_it_proceed() {
     // A switchover would stop the primary and wait for the resume to promote: refused.
     let refused = cluster.raftmgr(3, &["switchover"]).unwrap();
     let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert!(!refused.status.success() && stderr.contains("paused"), "{stderr}");
+    assert!(
+        !refused.status.success() && stderr.contains("paused"),
+        "{stderr}"
+    );
     assert!(cluster.view(3).await.unwrap().state.switchover.is_none());
 
     cluster.kill_postmaster(1).unwrap();

@@ -34,7 +34,10 @@ impl Pace {
     /// Books the turn of a request arriving at `now`; how long it must wait: until up to
     /// `TOLERANCE` before its turn.
     pub fn admit(&self, now: Instant) -> Duration {
-        let mut next_turn = self.next_turn.lock().expect("never poisoned: no panics inside");
+        let mut next_turn = self
+            .next_turn
+            .lock()
+            .expect("never poisoned: no panics inside");
         let turn = next_turn.map_or(now, |next| next.max(now));
         *next_turn = Some(turn + self.interval);
         (turn - now).saturating_sub(TOLERANCE)
@@ -79,7 +82,10 @@ mod tests {
         let pace = Pace::per_second(100).unwrap();
         let start = Instant::now();
         for i in 0..1000 {
-            assert_eq!(pace.admit(start + Duration::from_millis(10 * i)), Duration::ZERO);
+            assert_eq!(
+                pace.admit(start + Duration::from_millis(10 * i)),
+                Duration::ZERO
+            );
         }
     }
 }
