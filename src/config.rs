@@ -275,11 +275,16 @@ pub mod defaults {
     pub fn heartbeat_interval_ms() -> u64 {
         100
     }
+    /// A follower that knows a leader starts an election only after openraft's leader lease
+    /// (= the max) plus its random timeout: 0.9–1.2 s after the last heartbeat with these. That
+    /// keeps a lost Raft leader's replacement inside the primary's lease timeout (1.47 s), so a
+    /// lost node that led both is replaced on the lease, not on the election (500/1000 took
+    /// 1.5–2.0 s).
     pub fn election_timeout_min_ms() -> u64 {
-        500
+        300
     }
     pub fn election_timeout_max_ms() -> u64 {
-        1000
+        600
     }
     pub fn snapshot_logs_since_last() -> u64 {
         5000

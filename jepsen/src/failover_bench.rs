@@ -131,6 +131,10 @@ pub struct BenchFailoverArgs {
     /// Print the runs and the summary as JSON instead of tables.
     #[arg(long)]
     pub json: bool,
+    /// A `key = value` line for every agent's `[raft]` section, e.g. `--raft-setting
+    /// 'election_timeout_min_ms = 300'` (repeatable): timing experiments without a rebuild.
+    #[arg(long = "raft-setting")]
+    pub raft_settings: Vec<String>,
 }
 
 /// Runs the benchmark and prints its results.
@@ -217,6 +221,7 @@ fn settings(args: &BenchFailoverArgs) -> serde_json::Value {
         "warm_up_ms": millis(WARM_UP),
         "writes_after_promotion_ms": millis(WRITES_AFTER_PROMOTION),
         "kill_node_restart_delay_ms": millis(RESTART_DELAY),
+        "raft_settings": args.raft_settings,
     })
 }
 
@@ -296,6 +301,7 @@ async fn one_run(
 ) -> anyhow::Result<RunResult> {
     let options = Options {
         postgres: true,
+        raft_settings: args.raft_settings.clone(),
         ..Options::default()
     };
     let mut cluster = LocalCluster::start(binary, &options)
@@ -1378,6 +1384,7 @@ async fn rejoin_run(
     let started = Instant::now();
     let options = Options {
         postgres: true,
+        raft_settings: args.raft_settings.clone(),
         ..Options::default()
     };
     let mut cluster = LocalCluster::start(binary, &options)

@@ -73,6 +73,9 @@ pub struct ChaosArgs {
     /// what fencing prevents.
     #[arg(long, hide = true)]
     pub unsafe_no_fencing: bool,
+    /// A `key = value` line for every agent's `[raft]` section (repeatable).
+    #[arg(long = "raft-setting")]
+    pub raft_settings: Vec<String>,
 }
 
 /// A finished run: the record, the verdicts and where the report is.
@@ -200,6 +203,7 @@ pub async fn run(args: &ChaosArgs) -> anyhow::Result<RunReport> {
         postgres: true,
         network: namespaces,
         failover_settings,
+        raft_settings: args.raft_settings.clone(),
         ..Options::default()
     };
     let mut cluster = LocalCluster::start(&binary, &options).await?;
