@@ -17,6 +17,9 @@ use crate::types::{Applied, Member, NodeId, Raft, TypeConfig};
 /// How long to wait between attempts while no leader is known.
 const NO_LEADER_RETRY: Duration = Duration::from_millis(50);
 
+/// How long a read keeps asking the followers to confirm the leader before it fails.
+const READ_QUORUM_RETRY_FOR: Duration = Duration::from_secs(1);
+
 /// How long a membership change waits for the previous one to finish committing.
 const MEMBERSHIP_IN_PROGRESS_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -84,7 +87,7 @@ fn from_write_error(e: RaftError<NodeId, ClientWriteError<NodeId, Member>>) -> F
 /// Carries out `request` on this member, which must be the leader.
 pub async fn execute_locally(raft: &Raft, request: Request) -> Result<Reply, ForwardError> {
     match request {
-        Request::ReadIndex => match raft.ensure_linearizable().await {
+        Request::ReadIndex => match confirm_leadership(raft).await {
             Ok(log_id) => Ok(Reply::ReadIndex {
                 log_index: log_id.map(|id| id.index),
             }),
@@ -202,6 +205,27 @@ where
                 ChangeMembershipError::InProgress(_),
             ))) if Instant::now() < deadline => tokio::time::sleep(NO_LEADER_RETRY).await,
             other => return other.map_err(from_write_error),
+        }
+    }
+}
+
+/// Raft's ReadIndex on the leader. openraft confirms leadership with one heartbeat round that
+/// must reach a quorum within one heartbeat interval, and does not retry; a follower busy for
+/// that long (a flush, a loaded host) made a read fail. A read changes nothing, so it is asked
+/// again for a while before the failure is reported.
+async fn confirm_leadership(
+    raft: &Raft,
+) -> Result<Option<openraft::LogId<NodeId>>, RaftError<NodeId, CheckIsLeaderError<NodeId, Member>>>
+{
+    let deadline = Instant::now() + READ_QUORUM_RETRY_FOR;
+    loop {
+        match raft.ensure_linearizable().await {
+            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)))
+                if Instant::now() < deadline =>
+            {
+                tokio::time::sleep(NO_LEADER_RETRY).await
+            }
+            other => return other,
         }
     }
 }
