@@ -3,6 +3,9 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::sql;
 use raftmgr_api::ClusterView;
 use raftmgr_jepsen::cluster::{LocalCluster, Options};
 use raftmgr_jepsen::wait;
@@ -19,16 +22,6 @@ async fn start_cluster() -> LocalCluster {
     LocalCluster::start(Path::new(BINARY), &options)
         .await
         .unwrap()
-}
-
-async fn sql(
-    cluster: &LocalCluster,
-    id: u64,
-    query: &str,
-) -> anyhow::Result<Vec<tokio_postgres::Row>> {
-    let (client, connection) = tokio_postgres::connect(&cluster.pg_conninfo(id), NoTls).await?;
-    tokio::spawn(connection);
-    Ok(client.query(query, &[]).await?)
 }
 
 async fn count_rows(cluster: &LocalCluster, id: u64) -> Result<i64, String> {
