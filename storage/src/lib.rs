@@ -322,13 +322,25 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut batch = sled::Batch::default();
-        for entry in entries {
-            batch.insert(&log_key(entry.log_id.index), write_record(&entry));
-        }
-        self.logs
-            .apply_batch(batch)
-            .map_err(|e| StorageIOError::write_logs(&e))?;
+        let mut records: Vec<_> = entries
+            .into_iter()
+            .map(|entry| (log_key(entry.log_id.index), write_record(&entry)))
+            .collect();
+        // One entry (always so on the leader: openraft 0.9 appends each client write on its
+        // own) is a plain insert: sled writes a batch's manifest as a record of its own, which
+        // cost the leader a second write and sync per event. Several entries (a follower's
+        // append) stay one atomic batch.
+        let written = if records.len() == 1 {
+            let (key, value) = records.remove(0);
+            self.logs.insert(key, value).map(drop)
+        } else {
+            let mut batch = sled::Batch::default();
+            for (key, value) in records {
+                batch.insert(&key, value);
+            }
+            self.logs.apply_batch(batch)
+        };
+        written.map_err(|e| StorageIOError::write_logs(&e))?;
         // Durable before openraft hears of it; the callback is completed before returning, so
         // no append is ever left pending (also not on shutdown).
         let flushed = self.flush();

@@ -86,11 +86,17 @@ fn child_writes_then_crashes() {
         match step {
             "append" => {
                 log.save_vote(&vote()).await.expect("save_vote");
-                for first in (1..=ENTRIES).step_by(BATCH as usize) {
-                    // Returns only once the callback reported the batch as flushed.
+                // Batches of entries (a follower's appends), then the last BATCH entries one
+                // at a time (the leader's; the store writes those differently). Each call
+                // returns only once the callback reported its entries as flushed.
+                let singles_from = ENTRIES - BATCH + 1;
+                for first in (1..singles_from).step_by(BATCH as usize) {
                     log.blocking_append((first..first + BATCH).map(entry))
                         .await
                         .expect("append");
+                }
+                for index in singles_from..=ENTRIES {
+                    log.blocking_append([entry(index)]).await.expect("append");
                 }
             }
             "truncate" => log
