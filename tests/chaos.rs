@@ -25,6 +25,7 @@ fn args(nemesis: &str, time: u64, seed: u64, out: &tempfile::TempDir) -> ChaosAr
         out: Some(out.path().to_path_buf()),
         unsafe_no_fencing: false,
         raft_settings: Vec::new(),
+        failover_settings: Vec::new(),
     }
 }
 
@@ -61,6 +62,7 @@ async fn without_fencing_the_split_brain_checker_fails() {
         synchronous_mode: "off".into(),
         unsafe_no_fencing: true,
         raft_settings: Vec::new(),
+        failover_settings: Vec::new(),
         fault_min_s: 8,
         fault_max_s: 8,
         ..args("partition-primary", 12, 3, &out)

@@ -135,6 +135,10 @@ pub struct BenchFailoverArgs {
     /// 'election_timeout_min_ms = 300'` (repeatable): timing experiments without a rebuild.
     #[arg(long = "raft-setting")]
     pub raft_settings: Vec<String>,
+    /// A `key = value` line for every agent's `[failover]` section, e.g. `--failover-setting
+    /// 'lease_ttl_ms = 800'` (repeatable).
+    #[arg(long = "failover-setting")]
+    pub failover_settings: Vec<String>,
 }
 
 /// Runs the benchmark and prints its results.
@@ -222,6 +226,7 @@ fn settings(args: &BenchFailoverArgs) -> serde_json::Value {
         "writes_after_promotion_ms": millis(WRITES_AFTER_PROMOTION),
         "kill_node_restart_delay_ms": millis(RESTART_DELAY),
         "raft_settings": args.raft_settings,
+        "failover_settings": args.failover_settings,
     })
 }
 
@@ -302,6 +307,7 @@ async fn one_run(
     let options = Options {
         postgres: true,
         raft_settings: args.raft_settings.clone(),
+        failover_settings: args.failover_settings.clone(),
         ..Options::default()
     };
     let mut cluster = LocalCluster::start(binary, &options)
@@ -1385,6 +1391,7 @@ async fn rejoin_run(
     let options = Options {
         postgres: true,
         raft_settings: args.raft_settings.clone(),
+        failover_settings: args.failover_settings.clone(),
         ..Options::default()
     };
     let mut cluster = LocalCluster::start(binary, &options)

@@ -76,6 +76,9 @@ pub struct ChaosArgs {
     /// A `key = value` line for every agent's `[raft]` section (repeatable).
     #[arg(long = "raft-setting")]
     pub raft_settings: Vec<String>,
+    /// A `key = value` line for every agent's `[failover]` section (repeatable).
+    #[arg(long = "failover-setting")]
+    pub failover_settings: Vec<String>,
 }
 
 /// A finished run: the record, the verdicts and where the report is.
@@ -195,6 +198,7 @@ pub async fn run(args: &ChaosArgs) -> anyhow::Result<RunReport> {
     );
 
     let mut failover_settings = vec![format!("synchronous_mode = \"{}\"", args.synchronous_mode)];
+    failover_settings.extend(args.failover_settings.iter().cloned());
     if args.unsafe_no_fencing {
         failover_settings.push("unsafe_no_fencing = true".into());
     }
