@@ -44,6 +44,10 @@ pub struct BenchApiArgs {
     /// The nice value wrk runs at (0: the same priority as the cluster).
     #[arg(long, default_value_t = 0)]
     pub wrk_nice: i32,
+    /// A `key = value` line for every agent's `[api]` section, e.g. `--api-setting
+    /// 'max_requests_per_s = 10000'` (repeatable).
+    #[arg(long = "api-setting")]
+    pub api_settings: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -115,6 +119,7 @@ pub async fn bench_api(args: BenchApiArgs) -> anyhow::Result<()> {
 async fn one_run(binary: &std::path::Path, args: &BenchApiArgs) -> anyhow::Result<ApiRun> {
     let options = Options {
         postgres: true,
+        api_settings: args.api_settings.clone(),
         ..Options::default()
     };
     let cluster = LocalCluster::start(binary, &options).await?;

@@ -37,6 +37,8 @@ pub struct Options {
     pub failover_settings: Vec<String>,
     /// Extra `key = value` lines for every node's `[postgres]` section.
     pub postgres_settings: Vec<String>,
+    /// Extra `key = value` lines for every node's `[api]` section.
+    pub api_settings: Vec<String>,
     /// Run each node in its own network namespace (root only), so that partitions drop real
     /// packets; otherwise everything is on 127.0.0.1.
     pub network: bool,
@@ -55,6 +57,7 @@ impl Default for Options {
             postgres: false,
             failover_settings: Vec::new(),
             postgres_settings: Vec::new(),
+            api_settings: Vec::new(),
             network: false,
             tls: false,
         }
@@ -142,16 +145,13 @@ impl LocalCluster {
             let mut text = format!(
                 "node_id = {id}\nname = \"node{id}\"\ndata_dir = \"{data}\"\n\
                  cluster_secret = \"{CLUSTER_SECRET}\"\napi_token = \"{API_TOKEN}\"\n\n\
-                 [raft]\nlisten = \"{raft}\"\n{extra}\n[api]\nlisten = \"{api}\"\n",
+                 [raft]\nlisten = \"{raft}\"\n{extra}\n[api]\nlisten = \"{api}\"\n{api_extra}",
                 id = node.id,
                 data = dir.path().join(format!("node{}", node.id)).display(),
                 raft = node.raft_addr,
                 api = node.api_addr,
-                extra = options
-                    .raft_settings
-                    .iter()
-                    .map(|line| format!("{line}\n"))
-                    .collect::<String>(),
+                extra = lines(&options.raft_settings),
+                api_extra = lines(&options.api_settings),
             );
             if let Some(port) = node.pg_port {
                 text += &format!(
@@ -160,9 +160,7 @@ impl LocalCluster {
                      probe_interval_ms = 250\npeer_probe_interval_ms = 1000\n",
                     node.pg_data.display()
                 );
-                for line in &options.postgres_settings {
-                    text += &format!("{line}\n");
-                }
+                text += &lines(&options.postgres_settings);
                 if let Some(lab) = &network {
                     text += &format!(
                         "listen_address = \"{}\"\nallowed_cidrs = [\"{}\"]\n",
@@ -187,9 +185,7 @@ impl LocalCluster {
             }
             if !options.failover_settings.is_empty() {
                 text += "\n[failover]\n";
-                for line in &options.failover_settings {
-                    text += &format!("{line}\n");
-                }
+                text += &lines(&options.failover_settings);
             }
             for peer in nodes
                 .iter()
@@ -713,4 +709,9 @@ pub fn free_ports(count: usize) -> anyhow::Result<Vec<u16>> {
         }
     }
     bail!("found only {} free ports of {count}", ports.len())
+}
+
+/// `key = value` settings as lines of a TOML section.
+fn lines(settings: &[String]) -> String {
+    settings.iter().map(|line| format!("{line}\n")).collect()
 }
