@@ -66,11 +66,11 @@ impl ClusterState {
             .count();
         let observed_down = node.health.len() - observed_up;
         // The node's own probe sees the most (WAL receiver, replicas); a peer's will do.
-        let own = node
+        let own_record = node
             .health
             .get(&r.node_id)
-            .map(|h| &h.observation)
-            .filter(|o| o.reachable);
+            .filter(|h| h.observation.reachable);
+        let own = own_record.map(|h| &h.observation);
         let best = own.or_else(|| {
             node.health
                 .values()
@@ -80,7 +80,21 @@ impl ClusterState {
         let is_primary = self.primary == Some(r.node_id);
         let (upstream, lag_bytes, lag_ms) = self.upstream_of(&r.name);
         let streaming = best.and_then(|o| o.wal_receiver.as_deref()) == Some("streaming");
-        let status = if observed_down >= majority {
+        // A standby whose own agent, heard after every observer that found it unreachable,
+        // reports it streaming is back: the agent is alive and its PostgreSQL receives WAL from
+        // the primary. (Without this a node back from a crash stayed "down" until a peer's next
+        // probe, up to `peer_probe_interval_ms` later. A crashed node's last own report is older
+        // than the peers' "unreachable", so it cannot keep a dead node "streaming".)
+        let back_streaming = !is_primary
+            && streaming
+            && own_record.is_some_and(|mine| {
+                node.health
+                    .values()
+                    .all(|h| h.observation.reachable || h.log_index < mine.log_index)
+            });
+        let status = if back_streaming {
+            "streaming"
+        } else if observed_down >= majority {
             "down"
         } else if observed_up >= majority || own.is_some() {
             if !is_primary && streaming {
@@ -209,7 +223,30 @@ mod tests {
         observe(&mut state, seen(1, 3, false));
         assert_eq!(state.node_summaries()[2].status, "down");
         observe(&mut state, seen(3, 3, true));
+        assert_eq!(
+            state.node_summaries()[2].status,
+            "streaming",
+            "its own report, newer than every 'unreachable', says it is back"
+        );
         observe(&mut state, seen(1, 3, true));
         assert_eq!(state.node_summaries()[2].status, "streaming");
+    }
+
+    #[test]
+    fn a_crashed_standby_is_down_whatever_it_last_said_of_itself() {
+        let mut state = ClusterState::default();
+        for (i, id) in [1, 2, 3].into_iter().enumerate() {
+            let role = if id == 1 {
+                PgRole::Primary
+            } else {
+                PgRole::Standby
+            };
+            register(&mut state, id, role, i as u64 + 1);
+        }
+        state.apply(&Event::HealthObserved(seen(3, 3, true)), 10);
+        assert_eq!(state.node_summaries()[2].status, "streaming");
+        state.apply(&Event::HealthObserved(seen(1, 3, false)), 11);
+        state.apply(&Event::HealthObserved(seen(2, 3, false)), 12);
+        assert_eq!(state.node_summaries()[2].status, "down");
     }
 }
