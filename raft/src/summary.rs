@@ -162,11 +162,19 @@ mod tests {
         assert_eq!(parse_lsn("1/FFFFFFFFF"), None);
     }
 
-    fn register(state: &mut ClusterState, id: NodeId, role: PgRole, index: u64) {
-        state.apply(
-            &Event::NodeRegistered(NodeRegistration::for_tests(id, role)),
-            index,
-        );
+    /// Node 1 the primary, nodes 2 and 3 standbys (log indexes 1-3).
+    fn three_nodes() -> ClusterState {
+        let mut state = ClusterState::default();
+        for id in [1, 2, 3] {
+            let role = if id == 1 {
+                PgRole::Primary
+            } else {
+                PgRole::Standby
+            };
+            let registration = NodeRegistration::for_tests(id, role);
+            state.apply(&Event::NodeRegistered(registration), id);
+        }
+        state
     }
 
     fn seen(observer: NodeId, subject: NodeId, reachable: bool) -> Observation {
@@ -186,15 +194,7 @@ mod tests {
 
     #[test]
     fn status_follows_the_majority_and_upstream_comes_from_the_primary() {
-        let mut state = ClusterState::default();
-        for (i, id) in [1, 2, 3].into_iter().enumerate() {
-            let role = if id == 1 {
-                PgRole::Primary
-            } else {
-                PgRole::Standby
-            };
-            register(&mut state, id, role, i as u64 + 1);
-        }
+        let mut state = three_nodes();
         let mut primary_self = seen(1, 1, true);
         primary_self.lsn = Some(5000);
         primary_self.replicas = vec![ReplicaStatus {
@@ -234,15 +234,7 @@ mod tests {
 
     #[test]
     fn a_crashed_standby_is_down_whatever_it_last_said_of_itself() {
-        let mut state = ClusterState::default();
-        for (i, id) in [1, 2, 3].into_iter().enumerate() {
-            let role = if id == 1 {
-                PgRole::Primary
-            } else {
-                PgRole::Standby
-            };
-            register(&mut state, id, role, i as u64 + 1);
-        }
+        let mut state = three_nodes();
         state.apply(&Event::HealthObserved(seen(3, 3, true)), 10);
         assert_eq!(state.node_summaries()[2].status, "streaming");
         state.apply(&Event::HealthObserved(seen(1, 3, false)), 11);
