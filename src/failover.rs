@@ -20,6 +20,7 @@ use crate::config::{FailoverSection, SynchronousMode};
 use crate::guard::{self, GuardMode};
 use crate::pg::probe::{self, PgStatus};
 use crate::pg::{Pg, RunState, Upstream};
+use crate::wake::Wake;
 
 /// How often the fencing watchdog looks at the lease.
 const WATCHDOG_INTERVAL: Duration = Duration::from_millis(25);
@@ -27,10 +28,16 @@ const WATCHDOG_INTERVAL: Duration = Duration::from_millis(25);
 const FENCE_MARGIN: Duration = Duration::from_millis(100);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 const CANDIDATE_PROBE_TIMEOUT: Duration = Duration::from_millis(700);
+/// The decision runs every `decide_interval_ms` and soon after each applied entry (a
+/// resignation is acted on at once), but never sooner than this after its previous run.
+const DECIDE_SPACING: Duration = Duration::from_millis(20);
 /// How long a candidate may take to replay what it received before it promotes anyway.
 const REPLAY_WAIT: Duration = Duration::from_secs(10);
 /// Replay that has not moved for this long has replayed every complete record it received.
 const REPLAY_SETTLE: Duration = Duration::from_millis(200);
+/// How long a promotion may take, and how often the executor asks whether it is done.
+const PROMOTE_WAIT: Duration = Duration::from_secs(60);
+const PROMOTE_POLL: Duration = Duration::from_millis(5);
 /// How long a rejoined node's start is retried: a killed postmaster's backends can hold its
 /// shared memory for a moment, and PostgreSQL refuses to start until they are gone.
 const REJOIN_START_WAIT: Duration = Duration::from_secs(15);
@@ -270,14 +277,11 @@ pub async fn decide_loop(
     mut stop: watch::Receiver<bool>,
 ) {
     let config = decide_config(&timing);
-    let mut ticker = tokio::time::interval(Duration::from_millis(timing.decide_interval_ms));
+    let every = Duration::from_millis(timing.decide_interval_ms);
+    let mut wake = Wake::new(&raft, every, DECIDE_SPACING);
     let mut last_key = None;
     let mut last_change = Instant::now();
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = stop.wait_for(|s| *s) => return,
-        }
+    while wake.next(&mut stop).await {
         let state = store.cluster_state();
         // Silence is measured from when this agent saw the newest renewal (or generation)
         // applied: never earlier than the primary proposed it.
@@ -864,11 +868,24 @@ impl Executor {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let promoted: bool = client
-            .query_one("SELECT pg_promote(true, 60)", &[])
+        // pg_promote(wait => true) looks only every 100 ms; ask without waiting and watch.
+        let asked: bool = client
+            .query_one("SELECT pg_promote(false)", &[])
             .await?
             .get(0);
-        anyhow::ensure!(promoted, "pg_promote returned false");
+        anyhow::ensure!(asked, "pg_promote returned false");
+        let deadline = Instant::now() + PROMOTE_WAIT;
+        while client
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await?
+            .get::<_, bool>(0)
+        {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "PostgreSQL still in recovery {PROMOTE_WAIT:?} after pg_promote"
+            );
+            tokio::time::sleep(PROMOTE_POLL).await;
+        }
         tracing::warn!("promoted PostgreSQL to primary");
         let (pg, name) = (self.pg.clone(), self.name.clone());
         blocking(move || pg.write_config(&name, None)).await

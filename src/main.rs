@@ -13,6 +13,7 @@ mod logging;
 mod pg;
 mod supervisor;
 mod tls;
+mod wake;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -19,6 +19,7 @@ use crate::config::FailoverSection;
 use crate::failover::{self, Executor, ExecutorMemory, Lease};
 use crate::pg::probe::{self, PgStatus};
 use crate::pg::{Pg, RunState};
+use crate::wake::Wake;
 
 /// How long one probe (connect + queries) may take before the server counts as unreachable.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -42,8 +43,9 @@ pub struct Supervisor {
     pub local: std::sync::Arc<std::sync::RwLock<raftmgr_api::LocalPostgres>>,
 }
 
-/// The executor never runs more often than this, however often the state changes.
-const MIN_STEP_SPACING: Duration = Duration::from_millis(50);
+/// After a state change the executor runs at once, but never sooner than this after its
+/// previous step, however often the state changes.
+const MIN_STEP_SPACING: Duration = Duration::from_millis(20);
 
 impl Supervisor {
     fn interval(ms: u64) -> Duration {
@@ -132,29 +134,8 @@ impl Supervisor {
     ) {
         let mut client: Option<tokio_postgres::Client> = None;
         let mut memory = ExecutorMemory::default();
-        let mut metrics = self.raft.metrics();
-        let mut applied = None;
-        let mut ticker = tokio::time::interval(interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            let state_changed = tokio::select! {
-                _ = ticker.tick() => false,
-                changed = metrics.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                    let now = metrics.borrow_and_update().last_applied;
-                    if now == applied {
-                        continue;
-                    }
-                    applied = now;
-                    true
-                }
-                _ = stop.wait_for(|s| *s) => return,
-            };
-            if state_changed {
-                tokio::time::sleep(MIN_STEP_SPACING).await;
-            }
+        let mut wake = Wake::new(&self.raft, interval, MIN_STEP_SPACING);
+        while wake.next(&mut stop).await {
             let state = self.store.cluster_state();
             if !state.nodes.contains_key(&self.node_id) {
                 continue; // Not registered (yet): nothing to look after.

@@ -8,6 +8,7 @@ use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
@@ -21,6 +22,9 @@ const INCLUDE_LINE: &str = "include_if_exists = 'raftmgr.conf'\t# added by raftm
 
 /// How long pg_ctl waits for a start or a stop.
 const PG_CTL_WAIT_SECS: &str = "60";
+/// How long [`Pg::stop`] waits for the postmaster to exit, and how often it looks.
+const STOP_WAIT: Duration = Duration::from_secs(60);
+const STOP_POLL: Duration = Duration::from_millis(5);
 
 /// The comment line in raftmgr.conf that names the node `primary_conninfo` points at.
 const UPSTREAM_MARKER: &str = "# raftmgr upstream node: ";
@@ -483,17 +487,27 @@ impl Pg {
         check("pg_ctl start", &out)
     }
 
-    /// `pg_ctl stop -m fast|immediate`.
+    /// `pg_ctl stop -m fast|immediate`, then waits until the postmaster is gone. (pg_ctl's own
+    /// wait looks only every 100 ms; a switchover waits for this stop.)
     pub fn stop(&self, mode: &str) -> anyhow::Result<()> {
         let out = self
             .command("pg_ctl")
             .arg("stop")
             .arg("-D")
             .arg(self.data_dir())
-            .args(["-m", mode, "-w", "-t", PG_CTL_WAIT_SECS, "-s"])
+            .args(["-m", mode, "-W", "-s"])
             .output()
             .context("running pg_ctl stop")?;
-        check("pg_ctl stop", &out)
+        check("pg_ctl stop", &out)?;
+        let deadline = Instant::now() + STOP_WAIT;
+        while let RunState::Running { pid } = self.run_state() {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "PostgreSQL (postmaster pid {pid}) still runs {STOP_WAIT:?} after pg_ctl stop -m {mode}"
+            );
+            std::thread::sleep(STOP_POLL);
+        }
+        Ok(())
     }
 
     /// `pg_ctl stop -m fast` when a postmaster runs; nothing otherwise.
