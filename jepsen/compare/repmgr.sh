@@ -2,7 +2,7 @@
 # repmgr 5.3 (Debian postgresql-15-repmgr): node-crash failover of a 3-node cluster on loopback,
 # measured from the client with writer.py/analyze.py (the method of raftmgr's bench-failover).
 #
-#   bash jepsen/compare/repmgr.sh --setting tuned|defaults [--runs N] [--rejoin] [--switchover]
+#   bash jepsen/compare/repmgr.sh --setting tuned|defaults [--runs N] [--rejoin]
 #
 # Each run: a fresh cluster in /tmp/compare-a-repmgr.XXXX (ports 25411-25413): node1 initdb +
 # `repmgr primary register`; node2/node3 `repmgr standby clone` + `standby register`; repmgrd on
@@ -11,22 +11,20 @@
 # standby that answers pg_is_in_recovery() = false (polled every ~50 ms). The writer stops once it
 # has been acknowledged for 3 s after that; analyze.py gives the unavailability and the lost
 # acknowledged writes (checked on the new primary).
-# --rejoin: then (>= 3 s after the promotion) times the hand command
-#   `repmgr node rejoin --force-rewind` on node1 until the new primary's pg_stat_replication
-#   shows node1 streaming (repmgr has no automatic rejoin).
-# --switchover: before the fault ... see switchover notes in README (needs passwordless SSH).
+# --rejoin: then (>= 3 s after the promotion) times the hand procedure `CHECKPOINT` on the new
+#   primary + `repmgr node rejoin --force-rewind` on node1, until the new primary's
+#   pg_stat_replication shows node1 streaming (repmgr has no automatic rejoin).
 # Results: jepsen/compare/results/repmgr-<setting>-<UTC date>.json (raw per-run values).
 set -u -o pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 . "$HERE/lib.sh"
 
-SETTING=tuned RUNS=5 REJOIN=0 SWITCHOVER=0 OUT=
+SETTING=tuned RUNS=5 REJOIN=0 OUT=
 while [ $# -gt 0 ]; do
     case $1 in
         --setting) SETTING=$2; shift 2 ;;
         --runs) RUNS=$2; shift 2 ;;
         --rejoin) REJOIN=1; shift ;;
-        --switchover) SWITCHOVER=1; shift ;;
         --out) OUT=$2; shift 2 ;;
         *) die "unknown argument $1" ;;
     esac
@@ -212,6 +210,11 @@ one_run() {
         # the kill -9'd node's orphan backends must be gone before pg_rewind starts it
         wait_for 20 "node1 orphans gone" bash -c "! pgrep -u postgres -f 'cmpa-$(basename "$RUNDIR")-node1' >/dev/null"
         local t0; t0=$(now_ns)
+        # Trap: right after promotion the new primary's control file still names the old timeline
+        # until its (spread) end-of-promotion checkpoint completes, so pg_rewind reports "no rewind
+        # required" and node1 cannot follow (timeline 2 forked before its recovery point). Patroni
+        # issues a CHECKPOINT before pg_rewind; the hand procedure here does the same.
+        psql_at "${PORTS[$newp]}" 'CHECKPOINT' >/dev/null
         as_pg "$PGBIN/repmgr" -f "$(node_conf 1)" node rejoin --force-rewind \
             -d "host=127.0.0.1 port=${PORTS[$newp]} user=postgres dbname=repmgr" \
             >"$RUNDIR/node1/rejoin.log" 2>&1
@@ -236,34 +239,31 @@ EOF
             [ -f "$f" ] && cp "$f" "$KEEP_LOGS/run$run/$(echo "${f#$RUNDIR/}" | tr / _)"
         done
     fi
+    return 0
 }
 
-TMPRES=$(mktemp -d /tmp/compare-a-res.XXXX)
-trap 'cleanup_run; rm -rf "$TMPRES"' EXIT
-START=$(date -u +%Y-%m-%dT%H:%M:%SZ)
-for run in $(seq 1 "$RUNS"); do
-    if ! one_run "$run" "$TMPRES/run$run.json"; then
-        log "run $run failed; logs:"
-        for f in "$RUNDIR"/node*/*.log; do echo "== $f" >&2; tail -n 15 "$f" >&2; done
-        echo '{"run": '"$run"', "failover": false, "note": "run failed (setup or harness)"}' > "$TMPRES/run$run.json"
-    fi
-    cat "$TMPRES/run$run.json" >&2
-    cleanup_run
-done
-"$PY" - "$OUT" "$SETTING" "$REPMGR_VERSION" "$PG_VERSION" "$START" "$TMPRES"/run*.json <<'EOF'
-import json, sys, statistics, platform, os
-out, setting, rv, pv, start, files = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6:]
-runs = sorted((json.load(open(f)) for f in files), key=lambda r: r["run"])
-def summary(key):
-    v = [r[key] for r in runs if r.get(key) is not None]
-    return {"median": statistics.median(v), "max": max(v), "n": len(v)} if v else None
-doc = {
-    "tool": rv, "postgres": pv, "setting": setting, "fault": "node crash: kill -9 repmgrd + postmaster of the primary",
-    "started_utc": start, "machine": "%s, %d cores" % (platform.platform(), os.cpu_count()),
-    "unavailability_ms": summary("unavailability_ms"), "lost": summary("lost"),
-    "rejoin_ms": summary("rejoin_ms"), "runs": runs,
+main() {
+    TMPRES=$(mktemp -d /tmp/compare-a-res.XXXX)
+    trap 'cleanup_run; rm -rf "$TMPRES"' EXIT
+    local start; start=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+    local run
+    for run in $(seq 1 "$RUNS"); do
+        if ! one_run "$run" "$TMPRES/run$run.json"; then
+            log "run $run failed; logs:"
+            for f in "$RUNDIR"/node*/*.log; do echo "== $f" >&2; tail -n 15 "$f" >&2; done
+            echo '{"run": '"$run"', "failover": false, "note": "run failed (setup or harness)"}' > "$TMPRES/run$run.json"
+        fi
+        cat "$TMPRES/run$run.json" >&2
+        cleanup_run
+    done
+    local timing; timing=$(echo "$TIMING" | tr '\n' ' ')
+    "$PY" "$HERE/summarize.py" --out "$OUT" --meta "$("$PY" -c 'import json, sys; print(json.dumps(dict(zip(sys.argv[1::2], sys.argv[2::2]))))' \
+        tool "$REPMGR_VERSION" postgres "$PG_VERSION" setting "$SETTING" repmgr_settings "$timing" \
+        fault "node crash: kill -9 repmgrd + postmaster of the primary" started_utc "$start" \
+        rejoin "$([ "$REJOIN" = 1 ] && echo 'hand command: CHECKPOINT on the new primary, then repmgr node rejoin --force-rewind; timed from the CHECKPOINT until node1 streams' || echo 'not measured in this line')")" \
+        "$TMPRES"/run*.json
+    log "wrote $OUT"
 }
-json.dump(doc, open(out, "w"), indent=1, sort_keys=True)
-print(json.dumps({k: doc[k] for k in ("tool", "setting", "unavailability_ms", "lost", "rejoin_ms")}))
-EOF
-log "wrote $OUT"
+# everything above is only definitions: bash has read the whole file before main runs
+main
+exit
