@@ -140,8 +140,9 @@ def versions():
 class Cluster:
     """One etcd member and three Patroni nodes under one /tmp/compare-b-* folder."""
 
-    def __init__(self, timings, keep_logs=None):
+    def __init__(self, timings, keep_logs=None, sync=False):
         self.timings = timings
+        self.sync = sync
         self.keep_logs = keep_logs
         self.dir = tempfile.mkdtemp(prefix="compare-b-", dir="/tmp")
         os.chown(self.dir, PG.pw_uid, PG.pw_gid)
@@ -178,6 +179,7 @@ bootstrap:
     ttl: {ttl}
     loop_wait: {loop_wait}
     retry_timeout: {retry_timeout}
+    synchronous_mode: {sync}
     postgresql:
       use_pg_rewind: true
       use_slots: true
@@ -218,7 +220,8 @@ tags:
   noloadbalance: false
   clonefrom: false
 """.format(scope=SCOPE, name=NAMES[i], api=API_PORTS[i], etcd=ETCD_CLIENT, port=PG_PORTS[i],
-           data=self.data_dir(i), pgbin=PGBIN, dir=self.dir, **t)
+           data=self.data_dir(i), pgbin=PGBIN, dir=self.dir,
+           sync="true" if self.sync else "false", **t)
         with open(self.cfg(i), "w") as f:
             f.write(cfg)
         for p in (self.cfg(i), self.path(NAMES[i]), self.path(NAMES[i], "sock")):
@@ -283,6 +286,8 @@ tags:
             return False
         members = json.loads(body)["members"]
         roles = sorted((m["role"], m["state"]) for m in members)
+        if self.sync:  # one synchronous standby (synchronous_node_count 1), chosen by the leader
+            return roles == [("leader", "running"), ("replica", "streaming"), ("sync_standby", "streaming")]
         return roles == [("leader", "running"), ("replica", "streaming"), ("replica", "streaming")]
 
     def start_writer(self, logname):
@@ -431,8 +436,8 @@ def wait_rejoin(new, old, start_ns, timeout):
         conn.close()
 
 
-def run_failover(timings, n, keep_logs):
-    c = Cluster(TIMINGS[timings], keep_logs)
+def run_failover(timings, n, keep_logs, sync=False):
+    c = Cluster(TIMINGS[timings], keep_logs, sync)
     res = {"run": n}
     try:
         t0 = time.monotonic()
@@ -479,6 +484,7 @@ def run_failover(timings, n, keep_logs):
                  lambda: c.acked_for_since(promoted_ns, WRITES_AFTER_PROMOTION))
         c.stop_writer()
         res.update(analyze(c.writer_log, fault_ns, PG_PORTS[new]))
+        res["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
         log("run %d: unavailability %s ms, lost %s, rejoin %s ms" % (
             n, res.get("unavailability_ms"), res.get("lost"), res.get("rejoin_ms")))
         return res
@@ -490,8 +496,8 @@ def run_failover(timings, n, keep_logs):
         c.stop()
 
 
-def run_switchover(timings, n, keep_logs):
-    c = Cluster(TIMINGS[timings], keep_logs)
+def run_switchover(timings, n, keep_logs, via="patronictl", sync=False):
+    c = Cluster(TIMINGS[timings], keep_logs, sync)
     res = {"run": n}
     try:
         t0 = time.monotonic()
@@ -500,17 +506,27 @@ def run_switchover(timings, n, keep_logs):
         c.start_writer("writer.log")
         wait_for("writer acked for %.0f s" % WARM_UP, 30, lambda: c.acked_for_since(0, WARM_UP))
         old, cand = 0, 1
-        cmd = [PATRONICTL, "-c", c.cfg(old), "switchover", "--leader", NAMES[old],
-               "--candidate", NAMES[cand], "--force"]
-        fault_ns = time.time_ns()
-        r = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=as_postgres, env=pg_env(),
-                           cwd=c.dir, timeout=120)
-        done_ns = time.time_ns()
+        res["via"] = via
+        if via == "patronictl":
+            cmd = [PATRONICTL, "-c", c.cfg(old), "switchover", "--leader", NAMES[old],
+                   "--candidate", NAMES[cand], "--force"]
+            fault_ns = time.time_ns()
+            r = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=as_postgres,
+                               env=pg_env(), cwd=c.dir, timeout=120)
+            done_ns = time.time_ns()
+            res["command_rc"] = r.returncode
+            res["command_output"] = (r.stdout + r.stderr).strip().splitlines()[-3:]
+        else:
+            # Patroni's REST API, sent to the leader's API; it answers once the switchover is done.
+            fault_ns = time.time_ns()
+            code, body = http("POST", API_PORTS[old], "/switchover",
+                              {"leader": NAMES[old], "candidate": NAMES[cand]}, timeout=120)
+            done_ns = time.time_ns()
+            res["command_rc"] = code
+            res["command_output"] = [body.strip()]
         res["command_ms"] = round((done_ns - fault_ns) / 1e6, 1)
-        res["command_rc"] = r.returncode
-        res["command_output"] = (r.stdout + r.stderr).strip().splitlines()[-3:]
-        log("run %d: switchover command took %.0f ms rc=%d: %s" % (n, res["command_ms"], r.returncode,
-                                                                   res["command_output"]))
+        log("run %d: switchover (%s) took %.0f ms rc=%s: %s" % (n, via, res["command_ms"],
+                                                               res["command_rc"], res["command_output"]))
         wait_for("%s primary" % NAMES[cand], PROMOTION_TIMEOUT, lambda: is_primary(PG_PORTS[cand]))
         new = cand
         promoted_ns = time.time_ns()
@@ -525,6 +541,7 @@ def run_switchover(timings, n, keep_logs):
                  lambda: c.acked_for_since(max(promoted_ns, done_ns), WRITES_AFTER_PROMOTION))
         c.stop_writer()
         res.update(analyze(c.writer_log, fault_ns, PG_PORTS[new]))
+        res["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
         log("run %d: unavailability %s ms, command %s ms, old primary streaming %s ms, lost %s" % (
             n, res.get("unavailability_ms"), res["command_ms"], res["old_primary_streaming_ms"],
             res.get("lost")))
@@ -551,6 +568,10 @@ def main():
     ap.add_argument("--timings", choices=sorted(TIMINGS), default="defaults")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--via", choices=["patronictl", "rest"], default="patronictl",
+                    help="switchover: patronictl switchover --force, or POST /switchover to the leader")
+    ap.add_argument("--synchronous-mode", action="store_true",
+                    help="bootstrap.dcs.synchronous_mode: true (default: false, Patroni's default)")
     ap.add_argument("--keep-logs", help="copy every run's logs into this folder (outside /tmp)")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -565,11 +586,15 @@ def main():
     for n in range(1, args.runs + 1):
         log("=== %s %s run %d/%d" % (args.scenario, args.timings, n, args.runs))
         keep = os.path.join(args.keep_logs, "run%d" % n) if args.keep_logs else None
-        fn = run_failover if args.scenario == "failover" else run_switchover
-        runs.append(fn(args.timings, n, keep))
+        if args.scenario == "failover":
+            runs.append(run_failover(args.timings, n, keep, args.synchronous_mode))
+        else:
+            runs.append(run_switchover(args.timings, n, keep, args.via, args.synchronous_mode))
         out = {
             "tool": "patroni", "scenario": args.scenario, "timings": args.timings,
+            "switchover_via": args.via if args.scenario == "switchover" else None,
             "settings": dict(TIMINGS[args.timings], use_pg_rewind=True,
+                             synchronous_mode=args.synchronous_mode,
                              remove_data_directory_on_rewind_failure=True),
             "versions": versions(), "machine": "%s, %d cores" % (os.uname().release, os.cpu_count()),
             "started_utc": started,

@@ -2,8 +2,10 @@
 # Patroni 4.x + etcd on loopback: installs what it needs (idempotent), then measures.
 #   jepsen/compare/patroni.sh setup                       # install only
 #   jepsen/compare/patroni.sh failover   defaults|fastest [RUNS]
-#   jepsen/compare/patroni.sh switchover defaults|fastest [RUNS]
-# Results: jepsen/compare/results/patroni-<scenario>-<timings>-<date>.json
+#   jepsen/compare/patroni.sh switchover defaults|fastest [RUNS] [patronictl|rest]
+# Results: jepsen/compare/results/patroni-<scenario>[-rest]-<timings>-<date>.json
+# SYNC=1 sets Patroni's synchronous_mode: true (default off, as Patroni ships).
+# KEEP_LOGS=/some/dir (outside /tmp) keeps every run's etcd/patroni/postgres/writer logs.
 # Run as root; every PostgreSQL/Patroni/etcd process runs as the postgres OS user, and is ended by
 # PID when the script exits (patroni.py's finally/trap). Ports: etcd 23790/23800, PostgreSQL
 # 26401-26403, Patroni REST 26411-26413. Folders: /tmp/compare-b-* (removed at the end).
@@ -47,11 +49,14 @@ case "${1:-}" in
         setup >&2
         timings=${2:-defaults}
         runs=${3:-5}
+        via=${4:-patronictl}
+        tag=$1; [ "$1" = switchover ] && [ "$via" = rest ] && tag=switchover-rest
+        sync=(); [ "${SYNC:-0}" = 1 ] && { sync=(--synchronous-mode); tag=$tag-sync; }
         mkdir -p "$HERE/results"
-        out="$HERE/results/patroni-$1-$timings-$(date -u +%Y%m%dT%H%MZ).json"
+        out="$HERE/results/patroni-$tag-$timings-$(date -u +%Y%m%dT%H%MZ).json"
         COMPARE_VENV=$VENV /usr/bin/python3 "$HERE/patroni.py" "$1" --timings "$timings" --runs "$runs" \
-            --out "$out" ${KEEP_LOGS:+--keep-logs "$KEEP_LOGS"}
+            --via "$via" "${sync[@]}" --out "$out" ${KEEP_LOGS:+--keep-logs "$KEEP_LOGS"}
         echo "results: $out" >&2
         ;;
-    *) sed -n '2,9p' "$0"; exit 2 ;;
+    *) sed -n '2,11p' "$0"; exit 2 ;;
 esac
