@@ -13,18 +13,25 @@
 # acknowledged writes (checked on the new primary).
 # --rejoin: then (>= 3 s after the promotion) times the hand procedure `CHECKPOINT` on the new
 #   primary + `repmgr node rejoin --force-rewind` on node1, until the new primary's
-#   pg_stat_replication shows node1 streaming (repmgr has no automatic rejoin).
+#   pg_stat_replication shows node1 streaming (repmgr has no automatic rejoin). This line sets
+#   wal_keep_size=512MB (see the trap in README: pg_rewind needs the WAL back to the last common
+#   checkpoint, and the crash recovery pg_rewind runs first can recycle it).
+# --line switchover: no fault; `repmgr standby switchover --siblings-follow` issued on node2
+#   after the 3 s warm-up. It needs passwordless SSH between the nodes: the script starts a
+#   private sshd on 127.0.0.1:25499 (own host key, own authorized_keys, AllowUsers postgres) for
+#   the whole invocation and gives repmgr ssh_options with a key under /tmp/compare-a-ssh.*.
 # Results: jepsen/compare/results/repmgr-<setting>-<UTC date>.json (raw per-run values).
 set -u -o pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 . "$HERE/lib.sh"
 
-SETTING=tuned RUNS=5 REJOIN=0 OUT=
+SETTING=tuned RUNS=5 REJOIN=0 LINE=failover OUT=
 while [ $# -gt 0 ]; do
     case $1 in
         --setting) SETTING=$2; shift 2 ;;
         --runs) RUNS=$2; shift 2 ;;
         --rejoin) REJOIN=1; shift ;;
+        --line) LINE=$2; shift 2 ;;
         --out) OUT=$2; shift 2 ;;
         *) die "unknown argument $1" ;;
     esac
@@ -36,12 +43,23 @@ reconnect_interval=1" ;;
     defaults) TIMING="# repmgr defaults: monitor_interval_secs=2 reconnect_attempts=6 reconnect_interval=10" ;;
     *) die "--setting tuned|defaults" ;;
 esac
-OUT=${OUT:-$HERE/results/repmgr-$SETTING-$(date -u +%Y%m%dT%H%MZ).json}
+case $LINE in failover|switchover) ;; *) die "--line failover|switchover" ;; esac
+if [ "$LINE" = switchover ]; then
+    NAME=repmgr-switchover-$SETTING
+elif [ "$REJOIN" = 1 ]; then
+    NAME=repmgr-$SETTING-rejoin
+else
+    NAME=repmgr-$SETTING
+fi
+OUT=${OUT:-$HERE/results/$NAME-$(date -u +%Y%m%dT%H%MZ).json}
 mkdir -p "$(dirname "$OUT")"
 
 # --- install (idempotent) -------------------------------------------------------------------
-if ! [ -x "$PGBIN/repmgr" ] || ! "$PY" -c 'import psycopg2' 2>/dev/null; then
-    apt-get install -y -q postgresql-15-repmgr python3-psycopg2 >/dev/null || die "apt-get install failed"
+if ! [ -x "$PGBIN/repmgr" ] || ! "$PY" -c 'import psycopg2' 2>/dev/null || ! [ -x /usr/sbin/sshd ]; then
+    # openssh-server only for --line switchover; Debian's policy-rc.d or the absence of systemd
+    # keeps it from starting as a service (the script starts its own sshd when needed)
+    apt-get install -y -q postgresql-15-repmgr python3-psycopg2 openssh-server openssh-client >/dev/null \
+        || die "apt-get install failed"
 fi
 # the Debian packages must not leave a distribution cluster running
 if pg_lsclusters -h 2>/dev/null | awk '$4 == "online"' | grep -q .; then
@@ -107,6 +125,7 @@ service_start_command='$PGBIN/pg_ctl -D $(data_of "$i") -l $RUNDIR/node$i/pg.log
 service_stop_command='$PGBIN/pg_ctl -D $(data_of "$i") -m fast -w stop'
 service_restart_command='$PGBIN/pg_ctl -D $(data_of "$i") -l $RUNDIR/node$i/pg.log -m fast -w restart'
 $TIMING
+${SSH_OPTIONS:+ssh_options='$SSH_OPTIONS'}
 EOF
     # node-specific PostgreSQL settings live outside the data directory, so that neither
     # standby clone nor pg_rewind copies node1's port over them
@@ -129,6 +148,41 @@ start_repmgrd() {
     REPMGRD_PIDS[$i]=$!
 }
 
+SSHDIR= SSHD_PID= SSH_OPTIONS=
+start_sshd() {
+    SSHDIR=$(mktemp -d /tmp/compare-a-ssh.XXXX)
+    chmod 0755 "$SSHDIR"
+    ssh-keygen -q -t ed25519 -N '' -f "$SSHDIR/host_key" || return 1
+    ssh-keygen -q -t ed25519 -N '' -f "$SSHDIR/pg_key" -C compare-a || return 1
+    cp "$SSHDIR/pg_key.pub" "$SSHDIR/authorized_keys"
+    chown postgres: "$SSHDIR/pg_key" "$SSHDIR/pg_key.pub" "$SSHDIR/authorized_keys"
+    chmod 0600 "$SSHDIR/pg_key"
+    # UsePAM yes: Debian's postgres account is locked (no password), which sshd refuses with
+    # UsePAM no even for key logins
+    cat > "$SSHDIR/sshd_config" <<EOF
+ListenAddress 127.0.0.1
+Port 25499
+HostKey $SSHDIR/host_key
+PidFile $SSHDIR/sshd.pid
+AuthorizedKeysFile $SSHDIR/authorized_keys
+StrictModes no
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM yes
+AllowUsers postgres
+PermitRootLogin no
+EOF
+    mkdir -p /run/sshd && chmod 0755 /run/sshd
+    /usr/sbin/sshd -D -e -f "$SSHDIR/sshd_config" >"$SSHDIR/sshd.log" 2>&1 &
+    SSHD_PID=$!
+    SSH_OPTIONS="-q -p 25499 -i $SSHDIR/pg_key -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes -o ConnectTimeout=10"
+    wait_for 10 "ssh to postgres@127.0.0.1:25499" as_pg ssh $SSH_OPTIONS 127.0.0.1 true
+}
+stop_sshd() {
+    if [ -n "$SSHD_PID" ]; then kill -TERM "$SSHD_PID" 2>/dev/null; wait "$SSHD_PID" 2>/dev/null; SSHD_PID=; fi
+    if [ -n "$SSHDIR" ]; then rm -rf "$SSHDIR"; SSHDIR=; fi
+}
+
 build_cluster() {
     RUNDIR=$(mktemp -d /tmp/compare-a-repmgr.XXXX)
     chmod 0755 "$RUNDIR"
@@ -146,6 +200,7 @@ wal_level=replica
 max_wal_senders=10
 max_replication_slots=10
 hot_standby=on
+$([ "$REJOIN" = 1 ] && echo "wal_keep_size='512MB'")
 wal_log_hints=on
 include_if_exists='../node.conf'
 EOF
@@ -176,6 +231,37 @@ find_new_primary() {
     return 1
 }
 
+switchover_run() {
+    local run=$1 result=$2
+    local t0; t0=$(now_ns)
+    as_pg "$PGBIN/repmgr" -f "$(node_conf 2)" standby switchover --siblings-follow \
+        >"$RUNDIR/node2/switchover.log" 2>&1
+    local rc=$? t1; t1=$(now_ns)
+    log "run $run: switchover rc=$rc in $(ms_between "$t0" "$t1") ms"
+    if ! wait_for 10 "node2 primary" is_primary "${PORTS[2]}"; then
+        tail -n 30 "$RUNDIR/node2/switchover.log" >&2
+        stop_writer
+        return 1
+    fi
+    local old_ms=null
+    if wait_for 60 "node1 streaming from node2" streaming_from "${PORTS[2]}" node1; then
+        old_ms=$(ms_between "$t0" "$(now_ns)")
+    fi
+    wait_acked_for "$RUNDIR/acks" "$t1" 3 30 || log "run $run: writer not acked for 3 s within 30 s"
+    stop_writer
+    "$PY" "$HERE/analyze.py" --log "$RUNDIR/acks" --fault-ns "$t0" \
+        --check-conninfo "$(multi_conninfo "${PORTS[2]}")" > "$RUNDIR/analysis.json" || return 1
+    "$PY" - "$RUNDIR/analysis.json" "$run" "$rc" "$(ms_between "$t0" "$t1")" "$old_ms" > "$result" <<'EOF'
+import json, sys
+a = json.load(open(sys.argv[1]))
+a.update({"run": int(sys.argv[2]), "switchover_rc": int(sys.argv[3]), "command_ms": float(sys.argv[4]),
+          "old_primary_streaming_ms_after_command": json.loads(sys.argv[5]), "new_primary": "node2"})
+print(json.dumps(a, sort_keys=True))
+EOF
+    [ "$rc" = 0 ] || tail -n 30 "$RUNDIR/node2/switchover.log" >&2
+    return 0
+}
+
 one_run() {
     local run=$1 result=$2
     build_cluster || { log "run $run: cluster setup failed"; return 1; }
@@ -183,6 +269,10 @@ one_run() {
     start_writer "$conninfo" "$RUNDIR/acks" "$RUNDIR/writer-errors"
     wait_for 10 "first ack" test -s "$RUNDIR/acks" || return 1
     sleep 3   # warm-up: the writer runs 3 s before the fault
+    if [ "$LINE" = switchover ]; then
+        switchover_run "$run" "$result"
+        return
+    fi
     local pm; pm=$(postmaster_pid "$(data_of 1)")
     local fault; fault=$(now_ns)
     kill -9 "${REPMGRD_PIDS[1]}" "$pm"
@@ -244,7 +334,8 @@ EOF
 
 main() {
     TMPRES=$(mktemp -d /tmp/compare-a-res.XXXX)
-    trap 'cleanup_run; rm -rf "$TMPRES"' EXIT
+    trap 'cleanup_run; stop_sshd; rm -rf "$TMPRES"' EXIT
+    if [ "$LINE" = switchover ]; then start_sshd || die "could not start the private sshd"; fi
     local start; start=$(date -u +%Y-%m-%dT%H:%M:%SZ)
     local run
     for run in $(seq 1 "$RUNS"); do
@@ -259,7 +350,7 @@ main() {
     local timing; timing=$(echo "$TIMING" | tr '\n' ' ')
     "$PY" "$HERE/summarize.py" --out "$OUT" --meta "$("$PY" -c 'import json, sys; print(json.dumps(dict(zip(sys.argv[1::2], sys.argv[2::2]))))' \
         tool "$REPMGR_VERSION" postgres "$PG_VERSION" setting "$SETTING" repmgr_settings "$timing" \
-        fault "node crash: kill -9 repmgrd + postmaster of the primary" started_utc "$start" \
+        line "$LINE" fault "$([ "$LINE" = switchover ] && echo 'repmgr standby switchover --siblings-follow on node2 (unavailability from the command start)' || echo 'node crash: kill -9 repmgrd + postmaster of the primary')" started_utc "$start" \
         rejoin "$([ "$REJOIN" = 1 ] && echo 'hand command: CHECKPOINT on the new primary, then repmgr node rejoin --force-rewind; timed from the CHECKPOINT until node1 streams' || echo 'not measured in this line')")" \
         "$TMPRES"/run*.json
     log "wrote $OUT"
