@@ -40,7 +40,7 @@ setup() {
         echo "note: a distribution etcd seems to be running; this script does not use it" >&2
     fi
     "$VENV/bin/patroni" --version
-    /usr/bin/etcd --version | head -1
+    /usr/bin/etcd --version | sed -n 1p  # not head -1: SIGPIPE + pipefail would end the script
 }
 
 case "${1:-}" in
