@@ -145,6 +145,8 @@ build_cluster() {
         fi
     done
     wait_for 60 "node1 primary" node_is 1 primary || return 1
+    MONITOR_SETTINGS=$(PGCONNECT_TIMEOUT=2 "$PGBIN/psql" -X -At -h 127.0.0.1 -p "$MPORT" -U autoctl_node -d pg_auto_failover \
+        -c "SELECT string_agg(name || '=' || setting || coalesce(unit, ''), ' ' ORDER BY name) FROM pg_settings WHERE name LIKE 'pgautofailover.%'" 2>/dev/null)
     wait_for 30 "node2 streaming" streaming_from "${PORTS[1]}" "pgautofailover_standby_$(node_id 2)" || return 1
     wait_for 30 "node3 streaming" streaming_from "${PORTS[1]}" "pgautofailover_standby_$(node_id 3)" || return 1
 }
@@ -239,35 +241,28 @@ EOF
     return 0
 }
 
-TMPRES=$(mktemp -d /tmp/compare-a-res.XXXX)
-trap 'cleanup_run; rm -rf "$TMPRES"' EXIT
-trap 'exit 130' INT TERM
-START=$(date -u +%Y-%m-%dT%H:%M:%SZ)
-for run in $(seq 1 "$RUNS"); do
-    if ! one_run "$run" "$TMPRES/run$run.json"; then
-        log "run $run failed; logs:"
-        for f in "$RUNDIR"/*/*.log; do echo "== $f" >&2; tail -n 15 "$f" >&2; done
-        echo '{"run": '"$run"', "note": "run failed (setup or harness)"}' > "$TMPRES/run$run.json"
-    fi
-    cat "$TMPRES/run$run.json" >&2
-    cleanup_run
-done
-"$PY" - "$OUT" "$LINE" "$PAF_VERSION" "$PG_VERSION" "$START" "$TMPRES"/run*.json <<'EOF'
-import json, sys, statistics, platform, os
-out, line, tv, pv, start, files = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6:]
-runs = sorted((json.load(open(f)) for f in files), key=lambda r: r["run"])
-def summary(key):
-    v = [r[key] for r in runs if r.get(key) is not None]
-    return {"median": statistics.median(v), "max": max(v), "n": len(v)} if v else None
-doc = {
-    "tool": tv, "postgres": pv, "setting": "defaults", "line": line,
-    "fault": ("node crash: kill -9 pg_autoctl (supervisor + children) + postmaster of the primary"
-              if line == "failover" else "pg_autoctl perform switchover"),
-    "started_utc": start, "machine": "%s, %d cores" % (platform.platform(), os.cpu_count()),
-    "unavailability_ms": summary("unavailability_ms"), "lost": summary("lost"),
-    "rejoin_ms": summary("rejoin_ms"), "command_ms": summary("command_ms"), "runs": runs,
+main() {
+    TMPRES=$(mktemp -d /tmp/compare-a-res.XXXX)
+    trap 'cleanup_run; rm -rf "$TMPRES"' EXIT
+    trap 'exit 130' INT TERM
+    local start; start=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+    local run
+    for run in $(seq 1 "$RUNS"); do
+        if ! one_run "$run" "$TMPRES/run$run.json"; then
+            log "run $run failed; logs:"
+            for f in "$RUNDIR"/*/*.log; do echo "== $f" >&2; tail -n 15 "$f" >&2; done
+            echo '{"run": '"$run"', "note": "run failed (setup or harness)"}' > "$TMPRES/run$run.json"
+        fi
+        cat "$TMPRES/run$run.json" >&2
+        cleanup_run
+    done
+    local fault="node crash: kill -9 pg_autoctl (supervisor + children) + postmaster of the primary; rejoin = restart of its pg_autoctl run 2 s after the new primary is seen"
+    [ "$LINE" = switchover ] && fault="pg_autoctl perform switchover (issued with the monitor's --pgdata); unavailability from the command's start"
+    "$PY" "$HERE/summarize.py" --out "$OUT" --meta "$("$PY" -c 'import json, sys; print(json.dumps(dict(zip(sys.argv[1::2], sys.argv[2::2]))))' \
+        tool "$PAF_VERSION" postgres "$PG_VERSION" setting defaults line "$LINE" fault "$fault" \
+        started_utc "$start" monitor_settings "${MONITOR_SETTINGS:-}")" "$TMPRES"/run*.json
+    log "wrote $OUT"
 }
-json.dump(doc, open(out, "w"), indent=1, sort_keys=True)
-print(json.dumps({k: doc[k] for k in ("tool", "line", "unavailability_ms", "lost", "rejoin_ms", "command_ms")}))
-EOF
-log "wrote $OUT"
+# everything above is only definitions: bash has read the whole file before main runs
+main
+exit
