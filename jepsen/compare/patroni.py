@@ -436,7 +436,28 @@ def wait_rejoin(new, old, start_ns, timeout):
         conn.close()
 
 
-def run_failover(timings, n, keep_logs, sync=False):
+def leader_key_age(logfile, fault_ns):
+    """Seconds between the old leader's last "the leader with the lock" log line (written once per
+    HA loop, right after it renewed the leader key) and the fault; None if not found."""
+    last = None
+    try:
+        with open(logfile, errors="replace") as f:
+            for line in f:
+                if "the leader with the lock" not in line:
+                    continue
+                try:
+                    t = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+                except ValueError:
+                    continue
+                ns = int(t.replace(tzinfo=datetime.timezone.utc).timestamp() * 1e9)
+                if ns <= fault_ns:
+                    last = ns
+    except OSError:
+        return None
+    return None if last is None else round((fault_ns - last) / 1e9, 2)
+
+
+def run_failover(timings, n, keep_logs, sync=False, runs=1, phase="stratified"):
     c = Cluster(TIMINGS[timings], keep_logs, sync)
     res = {"run": n}
     try:
@@ -448,7 +469,14 @@ def run_failover(timings, n, keep_logs, sync=False):
         # The leader renews its key once per loop_wait; a random extra wait of 0..loop_wait s puts
         # the fault at a random phase of that loop (otherwise the near-constant setup time could
         # pin it to one phase and bias the result).
-        res["jitter_s"] = round(random.uniform(0, TIMINGS[timings]["loop_wait"]), 2)
+        # "stratified": run n of N waits (n - 0.5) / N * loop_wait, so the N runs sample the loop's
+        # phase evenly; "random": uniform in [0, loop_wait).
+        lw = TIMINGS[timings]["loop_wait"]
+        if phase == "stratified":
+            res["jitter_s"] = round((n - 0.5) / runs * lw, 2)
+        else:
+            res["jitter_s"] = round(random.uniform(0, lw), 2)
+        res["phase"] = phase
         time.sleep(res["jitter_s"])
         old = 0
         pm = c.postmaster_pid(old)
@@ -485,6 +513,8 @@ def run_failover(timings, n, keep_logs, sync=False):
         c.stop_writer()
         res.update(analyze(c.writer_log, fault_ns, PG_PORTS[new]))
         res["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
+        # Patroni logs in the local time zone; this machine's is UTC.
+        res["leader_key_age_at_fault_s"] = leader_key_age(c.path(NAMES[old] + ".log"), fault_ns)
         log("run %d: unavailability %s ms, lost %s, rejoin %s ms" % (
             n, res.get("unavailability_ms"), res.get("lost"), res.get("rejoin_ms")))
         return res
@@ -572,6 +602,9 @@ def main():
                     help="switchover: patronictl switchover --force, or POST /switchover to the leader")
     ap.add_argument("--synchronous-mode", action="store_true",
                     help="bootstrap.dcs.synchronous_mode: true (default: false, Patroni's default)")
+    ap.add_argument("--phase", choices=["stratified", "random"], default="stratified",
+                    help="failover: extra wait before the fault, 0..loop_wait s, evenly spread over the runs "
+                         "(stratified) or random")
     ap.add_argument("--keep-logs", help="copy every run's logs into this folder (outside /tmp)")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -587,7 +620,7 @@ def main():
         log("=== %s %s run %d/%d" % (args.scenario, args.timings, n, args.runs))
         keep = os.path.join(args.keep_logs, "run%d" % n) if args.keep_logs else None
         if args.scenario == "failover":
-            runs.append(run_failover(args.timings, n, keep, args.synchronous_mode))
+            runs.append(run_failover(args.timings, n, keep, args.synchronous_mode, args.runs, args.phase))
         else:
             runs.append(run_switchover(args.timings, n, keep, args.via, args.synchronous_mode))
         out = {

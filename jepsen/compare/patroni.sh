@@ -4,6 +4,8 @@
 #   jepsen/compare/patroni.sh failover   defaults|fastest [RUNS]
 #   jepsen/compare/patroni.sh switchover defaults|fastest [RUNS] [patronictl|rest]
 # Results: jepsen/compare/results/patroni-<scenario>[-rest]-<timings>-<date>.json
+# PHASE=stratified|random (failover): the extra 0..loop_wait s before the fault is spread evenly
+#   over the runs (default) or drawn at random (the first defaults line, 20261201T0246Z, used random).
 # SYNC=1 sets Patroni's synchronous_mode: true (default off, as Patroni ships).
 # KEEP_LOGS=/some/dir (outside /tmp) keeps every run's etcd/patroni/postgres/writer logs.
 # Run as root; every PostgreSQL/Patroni/etcd process runs as the postgres OS user, and is ended by
@@ -55,8 +57,8 @@ case "${1:-}" in
         mkdir -p "$HERE/results"
         out="$HERE/results/patroni-$tag-$timings-$(date -u +%Y%m%dT%H%MZ).json"
         COMPARE_VENV=$VENV /usr/bin/python3 "$HERE/patroni.py" "$1" --timings "$timings" --runs "$runs" \
-            --via "$via" "${sync[@]}" --out "$out" ${KEEP_LOGS:+--keep-logs "$KEEP_LOGS"}
+            --via "$via" "${sync[@]}" --phase "${PHASE:-stratified}" --out "$out" ${KEEP_LOGS:+--keep-logs "$KEEP_LOGS"}
         echo "results: $out" >&2
         ;;
-    *) sed -n '2,11p' "$0"; exit 2 ;;
+    *) sed -n '2,13p' "$0"; exit 2 ;;
 esac
