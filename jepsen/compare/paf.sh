@@ -3,7 +3,12 @@
 # automatic rejoin and switchover of a monitor + 3 data nodes on loopback, measured from the
 # client with writer.py/analyze.py (the method of raftmgr's bench-failover). Defaults throughout.
 #
-#   bash jepsen/compare/paf.sh [--runs N] [--line failover|switchover]
+#   bash jepsen/compare/paf.sh [--runs N] [--line failover|switchover] [--setting defaults|tuned]
+#
+# --setting tuned: the monitor's health checks tightened (in the monitor's postgresql.conf):
+#   health_check_period=1000ms, health_check_timeout=1000ms, health_check_max_retries=1,
+#   health_check_retry_delay=500ms, node_considered_unhealthy_timeout=2000ms. Everything else,
+#   and everything with --setting defaults (the default), is pg_auto_failover's default.
 #
 # failover: each run a fresh cluster in /tmp/compare-a-paf.XXXX (monitor 25420, nodes
 #   25421-25423). The writer runs 3 s, then the fault: kill -9, at once, of node1's pg_autoctl
@@ -21,17 +26,19 @@ set -u -o pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 . "$HERE/lib.sh"
 
-RUNS=3 LINE=failover OUT=
+RUNS=3 LINE=failover SETTING=defaults OUT=
 while [ $# -gt 0 ]; do
     case $1 in
         --runs) RUNS=$2; shift 2 ;;
         --line) LINE=$2; shift 2 ;;
+        --setting) SETTING=$2; shift 2 ;;
         --out) OUT=$2; shift 2 ;;
         *) die "unknown argument $1" ;;
     esac
 done
 case $LINE in failover|switchover) ;; *) die "--line failover|switchover" ;; esac
-OUT=${OUT:-$HERE/results/paf-$LINE-$(date -u +%Y%m%dT%H%MZ).json}
+case $SETTING in defaults) SUFFIX= ;; tuned) SUFFIX=-tuned ;; *) die "--setting defaults|tuned" ;; esac
+OUT=${OUT:-$HERE/results/paf-$LINE$SUFFIX-$(date -u +%Y%m%dT%H%MZ).json}
 mkdir -p "$(dirname "$OUT")"
 
 # --- install (idempotent) -------------------------------------------------------------------
@@ -124,6 +131,15 @@ build_cluster() {
         --auth trust --no-ssl --pgctl "$PGBIN/pg_ctl" >"$RUNDIR/monitor/create.log" 2>&1 || return 1
     autoctl config set --pgdata "$RUNDIR/monitor/data" postgresql.listen_addresses 127.0.0.1 >/dev/null || return 1
     node_conf monitor; add_include "$RUNDIR/monitor/data"
+    if [ "$SETTING" = tuned ]; then
+        cat >> "$RUNDIR/monitor/node.conf" <<EOF
+pgautofailover.health_check_period=1000
+pgautofailover.health_check_timeout=1000
+pgautofailover.health_check_max_retries=1
+pgautofailover.health_check_retry_delay=500
+pgautofailover.node_considered_unhealthy_timeout=2000
+EOF
+    fi
     start_run monitor "$RUNDIR/monitor/data" "$RUNDIR/monitor" "$RUNDIR/monitor/run.log"
     wait_for 60 "monitor up" bash -c "PGCONNECT_TIMEOUT=1 $PGBIN/psql -X -At -h 127.0.0.1 -p $MPORT -U autoctl_node -d pg_auto_failover -c 'SELECT 1'" || return 1
     local monitor_uri="postgres://autoctl_node@127.0.0.1:$MPORT/pg_auto_failover?sslmode=disable"
@@ -259,7 +275,7 @@ main() {
     local fault="node crash: kill -9 pg_autoctl (supervisor + children) + postmaster of the primary; rejoin = restart of its pg_autoctl run 2 s after the new primary is seen"
     [ "$LINE" = switchover ] && fault="pg_autoctl perform switchover (issued with the monitor's --pgdata); unavailability from the command's start"
     "$PY" "$HERE/summarize.py" --out "$OUT" --meta "$("$PY" -c 'import json, sys; print(json.dumps(dict(zip(sys.argv[1::2], sys.argv[2::2]))))' \
-        tool "$PAF_VERSION" postgres "$PG_VERSION" setting defaults line "$LINE" fault "$fault" \
+        tool "$PAF_VERSION" postgres "$PG_VERSION" setting "$SETTING" line "$LINE" fault "$fault" \
         started_utc "$start" monitor_settings "${MONITOR_SETTINGS:-}")" "$TMPRES"/run*.json
     log "wrote $OUT"
 }
