@@ -840,6 +840,29 @@ api_addr = "127.0.0.1:8002"
     }
 
     #[test]
+    fn the_tuned_profile_in_the_configuration_reference_is_valid() {
+        let reference = include_str!("../docs/configuration.md");
+        let profile = reference
+            .split("### Faster failover on a quiet LAN")
+            .nth(1)
+            .and_then(|section| section.split("```toml").nth(1))
+            .and_then(|block| block.split("```").next())
+            .expect("the reference has the profile as a toml block");
+        let mut config: toml::Table = GOOD.parse().unwrap();
+        for (name, values) in profile.parse::<toml::Table>().unwrap() {
+            let section = config
+                .entry(name)
+                .or_insert_with(|| toml::Table::new().into())
+                .as_table_mut()
+                .unwrap();
+            section.extend(values.as_table().unwrap().clone());
+        }
+        let c = parse("node.toml", &config.to_string()).unwrap();
+        assert_eq!(c.failover.lease_timeout_ms(), 760, "as the reference says");
+        assert_eq!(c.raft.heartbeat_interval_ms, 50);
+    }
+
+    #[test]
     fn a_good_config_parses_with_defaults() {
         let c = parse("node.toml", GOOD).unwrap();
         assert_eq!(c.node_id, 1);
