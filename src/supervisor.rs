@@ -7,12 +7,13 @@
 //! down when the agent starts, is started again; a primary that crashed resigns.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use raftmgr_raft::forward::Proposer;
 use raftmgr_raft::{ClusterState, Event, NodeId, Observation, Raft};
 use raftmgr_storage::StoreView;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 
 use crate::config::FailoverSection;
@@ -46,6 +47,8 @@ pub struct Supervisor {
 /// After a state change the executor runs at once, but never sooner than this after its
 /// previous step, however often the state changes.
 const MIN_STEP_SPACING: Duration = Duration::from_millis(20);
+/// How often the local postmaster's pid is checked (a file read and a signal 0).
+const POSTMASTER_WATCH_INTERVAL: Duration = Duration::from_millis(10);
 
 impl Supervisor {
     fn interval(ms: u64) -> Duration {
@@ -134,7 +137,13 @@ impl Supervisor {
     ) {
         let mut client: Option<tokio_postgres::Client> = None;
         let mut memory = ExecutorMemory::default();
-        let mut wake = Wake::new(&self.raft, interval, MIN_STEP_SPACING);
+        let postmaster_died = Arc::new(Notify::new());
+        tokio::spawn(watch_postmaster(
+            self.pg.clone(),
+            postmaster_died.clone(),
+            stop.clone(),
+        ));
+        let mut wake = Wake::new(&self.raft, interval, MIN_STEP_SPACING).nudged_by(postmaster_died);
         while wake.next(&mut stop).await {
             let state = self.store.cluster_state();
             if !state.nodes.contains_key(&self.node_id) {
@@ -175,6 +184,25 @@ impl Supervisor {
         }
         let connected = client.as_ref().expect("connected above");
         probe::status(connected, true, PROBE_TIMEOUT).await
+    }
+}
+
+/// Notifies `died` when the local postmaster, seen running, is gone: the executor then steps at
+/// once (a primary resigns) instead of at its next probe, up to `probe_interval_ms` later.
+async fn watch_postmaster(pg: Pg, died: Arc<Notify>, mut stop: watch::Receiver<bool>) {
+    let mut ticker = tokio::time::interval(POSTMASTER_WATCH_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut was_running = false;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let running = matches!(pg.run_state(), RunState::Running { .. });
+        if was_running && !running {
+            died.notify_one();
+        }
+        was_running = running;
     }
 }
 

@@ -1,12 +1,14 @@
 //! When the agent's control loops (the executor, the failover decision) take their next step:
-//! on their own ticker, and as soon as Raft applies a new entry, so that a committed decision is
-//! acted on without waiting for the next tick.
+//! on their own ticker, as soon as Raft applies a new entry (so that a committed decision is
+//! acted on without waiting for the next tick), and when nudged (the executor: its postmaster
+//! has just died).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use raftmgr_raft::types::{LogId, RaftMetrics};
 use raftmgr_raft::Raft;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 
 pub struct Wake {
@@ -17,6 +19,7 @@ pub struct Wake {
     /// step: a burst of entries costs one or two steps, not one each.
     spacing: Duration,
     last_step: Option<Instant>,
+    nudge: Option<Arc<Notify>>,
 }
 
 impl Wake {
@@ -29,14 +32,29 @@ impl Wake {
             applied: None,
             spacing,
             last_step: None,
+            nudge: None,
         }
+    }
+
+    /// Also wakes (with the same spacing) when `nudge` is notified.
+    pub fn nudged_by(mut self, nudge: Arc<Notify>) -> Self {
+        self.nudge = Some(nudge);
+        self
     }
 
     /// Waits until the next step is due; `false` once `stop` is set (or Raft has stopped).
     pub async fn next(&mut self, stop: &mut watch::Receiver<bool>) -> bool {
         loop {
-            let applied_moved = tokio::select! {
+            let nudge = self.nudge.clone();
+            let nudged = async move {
+                match nudge {
+                    Some(nudge) => nudge.notified().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let event = tokio::select! {
                 _ = self.ticker.tick() => false,
+                _ = nudged => true,
                 changed = self.metrics.changed() => {
                     if changed.is_err() {
                         return false;
@@ -50,7 +68,7 @@ impl Wake {
                 }
                 _ = stop.wait_for(|s| *s) => return false,
             };
-            if let (true, Some(last)) = (applied_moved, self.last_step) {
+            if let (true, Some(last)) = (event, self.last_step) {
                 tokio::time::sleep_until(last + self.spacing).await;
             }
             self.last_step = Some(Instant::now());
