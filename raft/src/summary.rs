@@ -80,21 +80,18 @@ impl ClusterState {
         let is_primary = self.primary == Some(r.node_id);
         let (upstream, lag_bytes, lag_ms) = self.upstream_of(&r.name);
         let streaming = best.and_then(|o| o.wal_receiver.as_deref()) == Some("streaming");
-        // A standby whose own agent, heard after every observer that found it unreachable,
-        // reports it streaming is back: the agent is alive and its PostgreSQL receives WAL from
-        // the primary. (Without this a node back from a crash stayed "down" until a peer's next
-        // probe, up to `peer_probe_interval_ms` later. A crashed node's last own report is older
-        // than the peers' "unreachable", so it cannot keep a dead node "streaming".)
-        let back_streaming = !is_primary
-            && streaming
+        // A standby's own report that it is up, committed after every observation that found
+        // it unreachable, is the freshest word on it: its agent is alive and its PostgreSQL
+        // answers. (Without this a node back from a crash, or one the peers last probed before
+        // it was started, stayed "down" until a peer's next recorded probe. A crashed node's
+        // last own report is older than the peers' "unreachable", so it stays down.)
+        let own_is_newest = !is_primary
             && own_record.is_some_and(|mine| {
                 node.health
                     .values()
                     .all(|h| h.observation.reachable || h.log_index < mine.log_index)
             });
-        let status = if back_streaming {
-            "streaming"
-        } else if observed_down >= majority {
+        let status = if observed_down >= majority && !own_is_newest {
             "down"
         } else if observed_up >= majority || own.is_some() {
             if !is_primary && streaming {
@@ -233,12 +230,18 @@ mod tests {
     }
 
     #[test]
-    fn a_crashed_standby_is_down_whatever_it_last_said_of_itself() {
+    fn a_crashed_standby_is_down_until_it_reports_again() {
         let mut state = three_nodes();
         state.apply(&Event::HealthObserved(seen(3, 3, true)), 10);
         assert_eq!(state.node_summaries()[2].status, "streaming");
         state.apply(&Event::HealthObserved(seen(1, 3, false)), 11);
         state.apply(&Event::HealthObserved(seen(2, 3, false)), 12);
         assert_eq!(state.node_summaries()[2].status, "down");
+        // Started again, not streaming yet (its primary is gone, say): its own newer report
+        // says it is up.
+        let mut back = seen(3, 3, true);
+        back.wal_receiver = None;
+        state.apply(&Event::HealthObserved(back), 13);
+        assert_eq!(state.node_summaries()[2].status, "running");
     }
 }
