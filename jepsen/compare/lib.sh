@@ -88,3 +88,13 @@ median_max() {
     sort -g | awk '{ a[NR] = $1 } END { if (NR == 0) { print "null null"; exit }
         m = (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2; print m, a[NR] }'
 }
+
+# find_new_primary: prints the index (2 or 3) of the standby whose PostgreSQL (on ${PORTS[i]})
+# now answers as a primary, or fails
+find_new_primary() {
+    local i
+    for i in 2 3; do
+        if is_primary "${PORTS[$i]}"; then echo "$i"; return 0; fi
+    done
+    return 1
+}

@@ -167,14 +167,6 @@ EOF
     wait_for 30 "node3 streaming" streaming_from "${PORTS[1]}" "pgautofailover_standby_$(node_id 3)" || return 1
 }
 
-find_new_primary() {
-    local i
-    for i in 2 3; do
-        if is_primary "${PORTS[$i]}"; then echo "$i"; return 0; fi
-    done
-    return 1
-}
-
 # kill -9 node1's pg_autoctl supervisor, its children, and its postmaster, at once
 crash_node1() {
     local sup=${AUTOCTL_PIDS[1]}

@@ -222,15 +222,6 @@ EOF
     done
 }
 
-# prints the port of the standby that became primary, or fails
-find_new_primary() {
-    local i
-    for i in 2 3; do
-        if is_primary "${PORTS[$i]}"; then echo "$i"; return 0; fi
-    done
-    return 1
-}
-
 switchover_run() {
     local run=$1 result=$2
     local t0; t0=$(now_ns)
