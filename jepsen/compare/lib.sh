@@ -98,3 +98,15 @@ find_new_primary() {
     done
     return 1
 }
+
+# keep_run_logs RUN FILE...: with KEEP_LOGS set, copies the FILEs that exist (paths under $RUNDIR)
+# to $KEEP_LOGS/runRUN/, named by their path with / as _
+keep_run_logs() {
+    local run=$1 f; shift
+    [ -n "${KEEP_LOGS:-}" ] || return 0
+    mkdir -p "$KEEP_LOGS/run$run"
+    for f in "$@"; do
+        [ -f "$f" ] && cp "$f" "$KEEP_LOGS/run$run/$(echo "${f#$RUNDIR/}" | tr / _)"
+    done
+    return 0
+}

@@ -240,12 +240,7 @@ a.update(json.loads(sys.argv[3]))
 a["run"] = int(sys.argv[2])
 print(json.dumps(a, sort_keys=True))
 EOF
-    if [ -n "${KEEP_LOGS:-}" ]; then
-        mkdir -p "$KEEP_LOGS/run$run"
-        for f in "$RUNDIR"/*/*.log "$RUNDIR"/*/data/log/* "$RUNDIR/writer-errors" "$RUNDIR/switchover.log"; do
-            [ -f "$f" ] && cp "$f" "$KEEP_LOGS/run$run/$(echo "${f#$RUNDIR/}" | tr / _)"
-        done
-    fi
+    keep_run_logs "$run" "$RUNDIR"/*/*.log "$RUNDIR"/*/data/log/* "$RUNDIR/writer-errors" "$RUNDIR/switchover.log"
     return 0
 }
 

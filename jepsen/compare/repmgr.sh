@@ -314,12 +314,7 @@ a.update({"run": int(sys.argv[2]), "failover": True, "new_primary": "node" + sys
           "rejoin_ms": json.loads(sys.argv[6]), "rejoin_rc": json.loads(sys.argv[7])})
 print(json.dumps(a, sort_keys=True))
 EOF
-    if [ -n "${KEEP_LOGS:-}" ]; then
-        mkdir -p "$KEEP_LOGS/run$run"
-        for f in "$RUNDIR"/node*/*.log "$RUNDIR"/node*/data/log/* "$RUNDIR/writer-errors"; do
-            [ -f "$f" ] && cp "$f" "$KEEP_LOGS/run$run/$(echo "${f#$RUNDIR/}" | tr / _)"
-        done
-    fi
+    keep_run_logs "$run" "$RUNDIR"/node*/*.log "$RUNDIR"/node*/data/log/* "$RUNDIR/writer-errors"
     return 0
 }
 
