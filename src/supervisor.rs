@@ -41,7 +41,7 @@ pub struct Supervisor {
     /// Operators' requests from the API (`POST /rejoin`, `/restart`, `/reinitialize`).
     pub requests: std::sync::Arc<std::sync::Mutex<mpsc::Receiver<raftmgr_api::LocalRequest>>>,
     /// Published for the API's load-balancer checks.
-    pub local: std::sync::Arc<std::sync::RwLock<raftmgr_api::LocalPostgres>>,
+    pub local: Arc<std::sync::RwLock<raftmgr_api::LocalPostgres>>,
 }
 
 /// After a state change the executor runs at once, but never sooner than this after its
@@ -127,7 +127,8 @@ impl Supervisor {
     }
 
     /// Probes the local PostgreSQL, records what it sees, and lets the executor reconcile —
-    /// every probe interval, and soon after the committed state changes.
+    /// every probe interval, soon after the committed state changes, and at once when the
+    /// postmaster dies.
     async fn watch_local(
         self,
         executor: Executor,
