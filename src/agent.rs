@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use openraft::SnapshotPolicy;
 use raftmgr_api::pace::Pace;
-use raftmgr_raft::forward::Proposer;
+use raftmgr_raft::forward::{Leader, Proposer};
 use raftmgr_raft::network::RpcClient;
 use raftmgr_raft::{Member, NodeId, Raft};
 use tokio::net::TcpListener;
@@ -35,6 +35,7 @@ pub fn raft_config(config: &NodeConfig) -> anyhow::Result<openraft::Config> {
         snapshot_policy: SnapshotPolicy::LogsSinceLast(r.snapshot_logs_since_last),
         max_in_snapshot_log_to_keep: r.logs_to_keep_after_snapshot,
         purge_batch_size: 64,
+        max_payload_entries: raftmgr_raft::forward::PAYLOAD_ENTRIES_MAX,
         snapshot_max_chunk_size: SNAPSHOT_CHUNK_BYTES,
         ..Default::default()
     };
@@ -73,7 +74,8 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
     )
     .await
     .context("starting Raft")?;
-    let proposer = Proposer::new(raft.clone(), rpc, config.proposal_timeout());
+    let leader = Leader::new(raft.clone());
+    let proposer = Proposer::new(leader.clone(), rpc, config.proposal_timeout());
 
     let mut initial_members: std::collections::BTreeMap<NodeId, Member> = config
         .file
@@ -137,7 +139,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
         shutdown: stop_rx.clone(),
     };
 
-    let raft_router = raftmgr_raft::server::router(raft.clone(), config.cluster_secret.as_str());
+    let raft_router = raftmgr_raft::server::router(leader, config.cluster_secret.as_str());
     let api_router = match Pace::per_second(config.file.api.max_requests_per_s) {
         Some(pace) => raftmgr_api::router(api).layer(axum::middleware::from_fn_with_state(
             pace,

@@ -351,7 +351,7 @@ fn event_cells(e: &raftmgr_raft::state::RecordedEvent) -> Vec<String> {
         .take(100)
         .collect();
     vec![
-        e.log_index.to_string(),
+        e.event_index.to_string(),
         e.event.kind().into(),
         e.event.subject().map_or("-".into(), |id| id.to_string()),
         outcome,

@@ -58,7 +58,7 @@ fn find_node<'a>(view: &'a ClusterView, name_or_id: &str) -> anyhow::Result<&'a 
 async fn propose(client: &Client, event: &Event) -> anyhow::Result<u64> {
     let answer: ProposeAnswer = client.post("/events", event).await?;
     match answer.outcome {
-        Outcome::Applied => Ok(answer.log_index),
+        Outcome::Applied => Ok(answer.event_index),
         Outcome::NoOp { reason } => bail!("refused by the cluster: {reason}"),
     }
 }
@@ -115,7 +115,7 @@ pub async fn primary_init(node: &NodeConfig) -> anyhow::Result<()> {
     ensure_replication_role(&local, settings).await?;
     let index = register(&client, node, settings, PgRole::Primary, None).await?;
     println!(
-        "{} is the primary (registered at log index {index})",
+        "{} is the primary (registered: event {index})",
         node.file.name
     );
     Ok(())
@@ -142,7 +142,7 @@ pub async fn primary_register(node: &NodeConfig) -> anyhow::Result<()> {
     ensure_replication_role(&local, settings).await?;
     let index = register(&client, node, settings, PgRole::Primary, None).await?;
     println!(
-        "{} registered as the primary (log index {index})",
+        "{} registered as the primary (event {index})",
         node.file.name
     );
     Ok(())
@@ -244,10 +244,7 @@ pub async fn standby_register(node: &NodeConfig, upstream: Option<&str>) -> anyh
         None => view.state.primary,
     };
     let index = register(&client, node, settings, PgRole::Standby, upstream).await?;
-    println!(
-        "{} registered as a standby (log index {index})",
-        node.file.name
-    );
+    println!("{} registered as a standby (event {index})", node.file.name);
     Ok(())
 }
 
@@ -269,7 +266,7 @@ pub async fn node_unregister(node: &NodeConfig, which: Option<&str>) -> anyhow::
         reason: "raftmgr node unregister".into(),
     };
     let index = propose(&client, &event).await?;
-    println!("{} unregistered (log index {index})", target.name);
+    println!("{} unregistered (event {index})", target.name);
     Ok(())
 }
 
@@ -323,10 +320,10 @@ pub async fn switchover(
     };
     let answer: SwitchoverAnswer = client.post("/switchover", &request).await?;
     println!(
-        "switchover from {} to {} requested (log index {})",
+        "switchover from {} to {} requested (event {})",
         answer.from,
         answer.candidate.as_deref().unwrap_or("the best standby"),
-        answer.log_index
+        answer.event_index
     );
     if !wait {
         return Ok(());
@@ -365,8 +362,8 @@ pub async fn failover(client: &Client, candidate: String, json: bool) -> anyhow:
     let answer: FailoverAnswer = client.post("/failover", &request).await?;
     if !json {
         println!(
-            "failover from {} to {} requested (log index {})",
-            answer.from, answer.candidate, answer.log_index
+            "failover from {} to {} requested (event {})",
+            answer.from, answer.candidate, answer.event_index
         );
     }
     let deadline = std::time::Instant::now() + SWITCHOVER_TIMEOUT;
@@ -383,7 +380,7 @@ pub async fn failover(client: &Client, candidate: String, json: bool) -> anyhow:
                 let outcome = serde_json::json!({
                     "from": answer.from,
                     "candidate": answer.candidate,
-                    "requested_at_log_index": answer.log_index,
+                    "requested_at_event_index": answer.event_index,
                     "primary": name,
                     "generation": state.generation,
                     "seconds": seconds,
@@ -399,10 +396,10 @@ pub async fn failover(client: &Client, candidate: String, json: bool) -> anyhow:
         }
         // Judged only once this member has applied the request (it asked the leader to).
         let lapsed = state.generation == answer.generation
-            && state.last_event_log_index >= answer.log_index
+            && state.last_event_index >= answer.event_index
             && state
                 .pending_failover()
-                .is_none_or(|f| f.log_index != answer.log_index);
+                .is_none_or(|f| f.event_index != answer.event_index);
         if lapsed {
             bail!(
                 "the failover request lapsed: the primary {} renewed its lease, so it is alive; \
@@ -450,11 +447,7 @@ pub async fn node_reinitialize(node: &NodeConfig) -> anyhow::Result<()> {
 
 async fn rejoin_by(node: &NodeConfig, path: &str, what: &str) -> anyhow::Result<()> {
     let client = Client::for_node(node)?;
-    let before = client
-        .cluster_consistent()
-        .await?
-        .state
-        .last_event_log_index;
+    let before = client.cluster_consistent().await?.state.last_event_index;
     let _: serde_json::Value = client.post(path, &serde_json::json!({})).await?;
     println!("{}: {what} requested", node.file.name);
     let deadline = std::time::Instant::now() + SWITCHOVER_TIMEOUT;
@@ -466,7 +459,7 @@ async fn rejoin_by(node: &NodeConfig, path: &str, what: &str) -> anyhow::Result<
                 duration_ms,
                 method,
                 ..
-            } if *node_id == node.file.node_id && e.log_index > before => {
+            } if *node_id == node.file.node_id && e.event_index > before => {
                 Some((*duration_ms, *method))
             }
             _ => None,

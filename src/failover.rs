@@ -285,7 +285,10 @@ pub async fn decide_loop(
         let state = store.cluster_state();
         // Silence is measured from when this agent saw the newest renewal (or generation)
         // applied: never earlier than the primary proposed it.
-        let key = (state.generation, state.lease.as_ref().map(|l| l.log_index));
+        let key = (
+            state.generation,
+            state.lease.as_ref().map(|l| l.event_index),
+        );
         if last_key != Some(key) {
             last_key = Some(key);
             last_change = Instant::now();

@@ -150,7 +150,7 @@ async fn config_history_and_followed_events_through_the_api_and_the_cli() {
         .unwrap();
     let decision = Event::PromotionDecided(PromotionDecision {
         decided_for_generation: 1,
-        lease_log_index: None,
+        lease_event_index: None,
         candidate: 2,
         reason: "node 1 resigned in generation 1".into(),
         candidates: vec![CandidateAssessment {
@@ -169,7 +169,7 @@ async fn config_history_and_followed_events_through_the_api_and_the_cli() {
         timeline: Some(2),
         lsn: Some(0x3000060),
     };
-    let completed_at = cluster.propose(1, &completed).await.unwrap().log_index;
+    let completed_at = cluster.propose(1, &completed).await.unwrap();
 
     let line = json
         .line_where("the decision", |l| l.contains("PromotionDecided"))
@@ -180,8 +180,8 @@ async fn config_history_and_followed_events_through_the_api_and_the_cli() {
     );
     let followed: raftmgr_raft::state::RecordedEvent = serde_json::from_str(&line).unwrap();
     assert_eq!(
-        (followed.log_index, followed.event),
-        (decided.log_index, decision)
+        (followed.event_index, followed.event),
+        (decided.event_index, decision)
     );
     let line = text
         .line_where("the completed promotion", |l| {
@@ -189,7 +189,7 @@ async fn config_history_and_followed_events_through_the_api_and_the_cli() {
         })
         .await;
     assert!(
-        line.contains(&completed_at.to_string()) && line.contains("applied"),
+        line.contains(&completed_at.event_index.to_string()) && line.contains("applied"),
         "{line}"
     );
     assert_eq!(
@@ -201,7 +201,7 @@ async fn config_history_and_followed_events_through_the_api_and_the_cli() {
 
     // GET /history: the first primary, then the failover with its timeline and LSN.
     cluster
-        .wait_converged(&[1, 2, 3], completed_at, TIMEOUT)
+        .wait_converged(&[1, 2, 3], completed_at.log_index, TIMEOUT)
         .await
         .unwrap();
     let history: Vec<HistoryEntry> = get(&cluster, 3, "/history").await.json().await.unwrap();
@@ -230,8 +230,11 @@ async fn config_history_and_followed_events_through_the_api_and_the_cli() {
             ),
         ]
     );
-    assert_eq!(history[1].log_index, decided.log_index);
-    assert_eq!(history[1].completed_log_index, Some(completed_at));
+    assert_eq!(history[1].event_index, decided.event_index);
+    assert_eq!(
+        history[1].completed_event_index,
+        Some(completed_at.event_index)
+    );
 
     // An agent stopping ends its streams, so it drains at once; the follower says so.
     let stopping = Instant::now();

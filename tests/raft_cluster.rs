@@ -106,6 +106,68 @@ async fn three_agents_elect_a_leader_and_apply_identically() {
     assert_eq!(api, Some(main + 5), "{nice:?}");
 }
 
+/// Events proposed together, on every member, commit in fewer log entries than events (the
+/// leader groups those that arrive while earlier entries are being written), each with its own
+/// event index, and every replica numbers and applies them alike.
+#[tokio::test]
+async fn concurrent_proposals_share_log_entries_and_keep_their_own_event_index() {
+    const EVENTS: u64 = 300;
+    let cluster = LocalCluster::start(binary(), &Options::default())
+        .await
+        .unwrap();
+    let ids = cluster.ids();
+    register_primary(&cluster).await;
+
+    let cluster = &cluster;
+    let proposals = (0..EVENTS).map(|n| {
+        let node = ids[n as usize % ids.len()];
+        async move { cluster.propose(node, &observation(node, 1, n)).await }
+    });
+    let answers: Vec<_> = futures::future::join_all(proposals)
+        .await
+        .into_iter()
+        .map(|answer| answer.expect("proposal acknowledged"))
+        .collect();
+
+    assert!(answers.iter().all(|a| a.outcome == Outcome::Applied));
+    let event_indexes: std::collections::BTreeSet<u64> =
+        answers.iter().map(|a| a.event_index).collect();
+    // The registration is event 1; the observations are 2 ..= EVENTS + 1, each once.
+    assert_eq!(
+        event_indexes,
+        (2..=EVENTS + 1).collect(),
+        "every event has an index of its own"
+    );
+    let entries: std::collections::BTreeSet<u64> = answers.iter().map(|a| a.log_index).collect();
+    eprintln!("{EVENTS} events in {} log entries", entries.len());
+    assert!(
+        entries.len() < EVENTS as usize,
+        "{EVENTS} concurrent events took {} entries: none were grouped",
+        entries.len()
+    );
+
+    let last = *entries.last().unwrap();
+    let views = cluster.wait_converged(&ids, last, TIMEOUT).await.unwrap();
+    let state = &views[0].state;
+    assert_eq!(
+        (state.events_applied, state.last_event_index),
+        (EVENTS + 1, EVENTS + 1)
+    );
+    // The state records each observation under the index its proposer was told.
+    for answer in &answers {
+        let recorded = state
+            .recent
+            .iter()
+            .find(|e| e.event_index == answer.event_index);
+        if let Some(recorded) = recorded {
+            assert!(
+                matches!(recorded.event, Event::HealthObserved(_)),
+                "{recorded:?}"
+            );
+        }
+    }
+}
+
 /// (name, nice value) of every thread of process `pid`, the main thread first.
 fn thread_nice_values(pid: u32) -> Vec<(String, i64)> {
     let mut tids: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/task"))
@@ -192,7 +254,8 @@ async fn snapshots_compact_the_log_and_a_new_member_catches_up_through_one() {
     let mut cluster = LocalCluster::start(binary(), &options).await.unwrap();
     let voters = [1, 2, 3];
     register_primary(&cluster).await;
-    let last = propose_many(&cluster, &voters, 300, 10).await;
+    // One at a time, so that each event is a log entry of its own.
+    let last = propose_many(&cluster, &voters, 300, 1).await;
     cluster
         .wait_converged(&voters, last, TIMEOUT)
         .await

@@ -1,5 +1,5 @@
 //! `GET /events?follow=1`: the matching recent events, then each newly applied one, as
-//! Server-Sent Events. Each `data:` line is one `GET /events` item (its `id:` is the log index).
+//! Server-Sent Events. Each `data:` line is one `GET /events` item (its `id:` is the event index).
 //! The stream ends when the client goes away or the agent shuts down.
 
 use std::collections::VecDeque;
@@ -32,14 +32,14 @@ impl Selection {
 /// What a stream has sent so far: the state's counters when it last looked.
 #[derive(Debug, Clone, Copy)]
 struct Seen {
-    last_event_log_index: u64,
+    last_event_index: u64,
     events_applied: u64,
 }
 
 impl Seen {
     fn of(state: &ClusterState) -> Seen {
         Seen {
-            last_event_log_index: state.last_event_log_index,
+            last_event_index: state.last_event_index,
             events_applied: state.events_applied,
         }
     }
@@ -88,7 +88,7 @@ pub fn stream(
 
 fn to_sse(e: &RecordedEvent) -> Result<sse::Event, axum::Error> {
     sse::Event::default()
-        .id(e.log_index.to_string())
+        .id(e.event_index.to_string())
         .json_data(e)
 }
 
@@ -122,7 +122,7 @@ impl Follow {
                 .recent
                 .iter()
                 .rev()
-                .take_while(|e| e.log_index > seen.last_event_log_index)
+                .take_while(|e| e.event_index > seen.last_event_index)
                 .cloned()
                 .collect();
             new.reverse();

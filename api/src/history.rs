@@ -26,7 +26,7 @@ pub enum HistoryKind {
 }
 
 /// One generation, oldest first in `GET /history`. There is no wall-clock time: the state is
-/// deterministic and has none; the log index orders the entries.
+/// deterministic and has none; the event index orders the entries.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HistoryEntry {
     /// The generation this entry opened.
@@ -39,14 +39,14 @@ pub struct HistoryEntry {
     pub kind: Option<HistoryKind>,
     /// The leader's reason for the promotion (or "registered as the primary").
     pub reason: String,
-    /// The log index of the promotion decision (or of the registration).
-    pub log_index: u64,
+    /// The event index of the promotion decision (or of the registration).
+    pub event_index: u64,
     /// The timeline and LSN the new primary reported in `PromotionCompleted`, and that event's
-    /// log index. `None` while the promotion is under way, for the registered first primary, and
+    /// event index. `None` while the promotion is under way, for the registered first primary, and
     /// once that event has left the recent events.
     pub timeline: Option<u32>,
     pub lsn: Option<String>,
-    pub completed_log_index: Option<u64>,
+    pub completed_event_index: Option<u64>,
 }
 
 /// The cluster's generations as far as `state` remembers them, oldest first.
@@ -65,10 +65,10 @@ pub fn history(state: &ClusterState) -> Vec<HistoryEntry> {
             primary: Some(first.registration.name.clone()),
             kind: Some(HistoryKind::Registered),
             reason: "registered as the primary".into(),
-            log_index: first.registered_at_log_index,
+            event_index: first.registered_at_event_index,
             timeline: None,
             lsn: None,
-            completed_log_index: None,
+            completed_event_index: None,
         });
     }
     for record in &state.decisions {
@@ -83,7 +83,7 @@ pub fn history(state: &ClusterState) -> Vec<HistoryEntry> {
                 && *generation == record.new_generation
                 && *node_id == decision.candidate =>
             {
-                Some((*timeline, *lsn, e.log_index))
+                Some((*timeline, *lsn, e.event_index))
             }
             _ => None,
         });
@@ -93,10 +93,10 @@ pub fn history(state: &ClusterState) -> Vec<HistoryEntry> {
             primary: name(decision.candidate),
             kind: kind(state, decision.decided_for_generation, &decision.reason),
             reason: decision.reason.clone(),
-            log_index: record.log_index,
+            event_index: record.event_index,
             timeline: completed.and_then(|c| c.0),
             lsn: completed.and_then(|c| c.1).map(format_lsn),
-            completed_log_index: completed.map(|c| c.2),
+            completed_event_index: completed.map(|c| c.2),
         });
     }
     entries
@@ -147,7 +147,7 @@ mod tests {
     fn promote(for_generation: u64, candidate: NodeId, reason: &str) -> Event {
         Event::PromotionDecided(PromotionDecision {
             decided_for_generation: for_generation,
-            lease_log_index: None,
+            lease_event_index: None,
             candidate,
             reason: reason.into(),
             candidates: vec![CandidateAssessment {
@@ -210,7 +210,7 @@ mod tests {
                     e.generation,
                     e.primary,
                     e.kind,
-                    e.log_index,
+                    e.event_index,
                     e.timeline,
                     e.lsn,
                 )
@@ -252,7 +252,7 @@ mod tests {
     fn what_left_the_recent_events_is_unknown_not_guessed() {
         let mut state = two_promotions();
         // Lease renewals push everything else out of the recent events.
-        let mut index = state.last_event_log_index;
+        let mut index = state.last_event_index;
         for _ in 0..RECENT_EVENTS_MAX {
             index += 1;
             let renew = Event::LeaseRenewed {

@@ -490,7 +490,10 @@ fn same_bytes(a: &[u8], b: &[u8]) -> bool {
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ProposeAnswer {
+    /// The Raft log entry that carried the event.
     pub log_index: u64,
+    /// The event's own index (as in `GET /events`).
+    pub event_index: u64,
     pub outcome: Outcome,
 }
 
@@ -505,6 +508,7 @@ async fn propose(
     let applied = api.proposer.propose(event).await?;
     Ok(Json(ProposeAnswer {
         log_index: applied.log_index,
+        event_index: applied.event_index,
         outcome: applied.outcome,
     }))
 }
@@ -641,7 +645,8 @@ pub struct SwitchoverRequest {
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct SwitchoverAnswer {
-    pub log_index: u64,
+    /// The index of the `SwitchoverRequested` event.
+    pub event_index: u64,
     /// The generation being switched over from; the new primary's is the next one.
     pub generation: u64,
     pub from: String,
@@ -731,7 +736,7 @@ async fn switchover(
         return Err(refuse(reason));
     }
     Ok(Json(SwitchoverAnswer {
-        log_index: applied.log_index,
+        event_index: applied.event_index,
         generation: state.generation,
         from: name_of(primary),
         candidate: candidate.map(name_of),
@@ -747,7 +752,8 @@ pub struct PauseRequest {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct PauseAnswer {
     pub paused: bool,
-    pub log_index: u64,
+    /// The index of the `Paused` or `Resumed` event.
+    pub event_index: u64,
 }
 
 /// `POST /pause`: maintenance mode, no automatic failover until `POST /resume`.
@@ -779,7 +785,7 @@ async fn set_paused(api: &Api, event: Event, paused: bool) -> Result<Json<PauseA
     }
     Ok(Json(PauseAnswer {
         paused,
-        log_index: applied.log_index,
+        event_index: applied.event_index,
     }))
 }
 
@@ -923,8 +929,8 @@ pub struct FailoverRequest {
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct FailoverAnswer {
-    /// Where the `FailoverRequested` event was committed.
-    pub log_index: u64,
+    /// The index of the `FailoverRequested` event.
+    pub event_index: u64,
     /// The generation failed over from; the new primary's is the next one.
     pub generation: u64,
     pub from: String,
@@ -1027,7 +1033,7 @@ async fn failover(
         return Err(refuse(reason));
     }
     Ok(Json(FailoverAnswer {
-        log_index: applied.log_index,
+        event_index: applied.event_index,
         generation: state.generation,
         from: name_of(primary),
         candidate: name,

@@ -34,7 +34,7 @@ struct Started {
 
 #[derive(Debug)]
 struct Clock {
-    seen_log_index: u64,
+    seen_event_index: u64,
     started: Option<Started>,
     stats: PromotionStats,
 }
@@ -47,7 +47,7 @@ impl PromotionClock {
     /// Starts after everything `state` has applied already.
     pub fn new(state: &ClusterState) -> Arc<PromotionClock> {
         Arc::new(PromotionClock(Mutex::new(Clock {
-            seen_log_index: state.last_event_log_index,
+            seen_event_index: state.last_event_index,
             started: None,
             stats: PromotionStats::default(),
         })))
@@ -60,8 +60,8 @@ impl PromotionClock {
     /// Notes the promotion events `state` applied since the last look, as seen at `now`.
     pub fn observe(&self, state: &ClusterState, now: Instant) {
         let mut clock = self.0.lock().expect("promotion clock lock");
-        let seen = clock.seen_log_index;
-        for e in state.recent.iter().filter(|e| e.log_index > seen) {
+        let seen = clock.seen_event_index;
+        for e in state.recent.iter().filter(|e| e.event_index > seen) {
             if !e.outcome.is_applied() {
                 continue;
             }
@@ -96,7 +96,7 @@ impl PromotionClock {
                 _ => {}
             }
         }
-        clock.seen_log_index = clock.seen_log_index.max(state.last_event_log_index);
+        clock.seen_event_index = clock.seen_event_index.max(state.last_event_index);
     }
 }
 
@@ -131,7 +131,7 @@ mod tests {
     fn decision(for_generation: u64, candidate: u64) -> Event {
         Event::PromotionDecided(PromotionDecision {
             decided_for_generation: for_generation,
-            lease_log_index: None,
+            lease_event_index: None,
             candidate,
             reason: "no lease renewal from node 1".into(),
             candidates: vec![],

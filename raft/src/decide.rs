@@ -77,8 +77,8 @@ pub fn failover_reason(
     };
     Some(match manual {
         Some(m) => format!(
-            "{why}; manual failover to node {} requested at log index {}",
-            m.candidate, m.log_index
+            "{why}; manual failover to node {} requested at event index {}",
+            m.candidate, m.event_index
         ),
         None => why,
     })
@@ -215,7 +215,7 @@ pub fn decide(state: &ClusterState, view: &LeaderView, config: &DecideConfig) ->
     }
     Some(Event::PromotionDecided(PromotionDecision {
         decided_for_generation: state.generation,
-        lease_log_index: state.lease.as_ref().map(|l| l.log_index),
+        lease_event_index: state.lease.as_ref().map(|l| l.event_index),
         candidate: winner,
         reason,
         candidates: assessments.into_values().collect(),

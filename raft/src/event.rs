@@ -101,17 +101,17 @@ pub struct CandidateAssessment {
 
 /// The Raft leader's decision to promote `candidate`. Compare-and-set: it takes effect only if the
 /// cluster is still at `decided_for_generation` and no lease renewal was applied after the one
-/// the decision saw (`lease_log_index`); then the generation becomes
+/// the decision saw (`lease_event_index`); then the generation becomes
 /// `decided_for_generation + 1`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PromotionDecision {
     pub decided_for_generation: u64,
-    /// The log index of the newest lease renewal in the state the decision was made on (`None`:
+    /// The event index of the newest lease renewal in the state the decision was made on (`None`:
     /// none in that generation). The leader decides on a state, probes the candidates, then
     /// proposes: a renewal committed meanwhile proves the primary alive, and the decision it
     /// overtook must not depose it (found by the chaos lab: writes acknowledged by a primary
     /// that had just renewed, lost to a promotion decided before the renewal).
-    pub lease_log_index: Option<u64>,
+    pub lease_event_index: Option<u64>,
     pub candidate: NodeId,
     pub reason: String,
     pub candidates: Vec<CandidateAssessment>,

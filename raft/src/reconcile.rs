@@ -169,7 +169,7 @@ mod tests {
             s.apply(
                 &Event::PromotionDecided(PromotionDecision {
                     decided_for_generation: 1,
-                    lease_log_index: None,
+                    lease_event_index: None,
                     candidate,
                     reason: "test".into(),
                     candidates: vec![],

@@ -15,9 +15,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::codec;
-use crate::forward::{execute_locally, Request};
+use crate::forward::{Leader, Request};
 use crate::network::{PATH_APPEND_ENTRIES, PATH_FORWARD, PATH_INSTALL_SNAPSHOT, PATH_VOTE};
-use crate::types::Raft;
 use crate::SECRET_HEADER;
 
 /// Largest RPC body accepted. openraft's snapshot chunks are configured well below it.
@@ -25,13 +24,14 @@ pub const BODY_LIMIT_BYTES: usize = 16 * 1024 * 1024;
 
 #[derive(Clone)]
 struct RpcState {
-    raft: Raft,
+    leader: Leader,
     secret: Arc<str>,
 }
 
-pub fn router(raft: Raft, secret: impl Into<Arc<str>>) -> Router {
+/// `leader` carries out the requests other members forward here when this member leads.
+pub fn router(leader: Leader, secret: impl Into<Arc<str>>) -> Router {
     let state = RpcState {
-        raft,
+        leader,
         secret: secret.into(),
     };
     Router::new()
@@ -45,18 +45,21 @@ pub fn router(raft: Raft, secret: impl Into<Arc<str>>) -> Router {
 
 async fn append_entries(State(s): State<RpcState>, headers: HeaderMap, body: Bytes) -> Response {
     serve(&s, &headers, &body, "append-entries request", |rpc| {
-        s.raft.append_entries(rpc)
+        s.leader.raft().append_entries(rpc)
     })
     .await
 }
 
 async fn vote(State(s): State<RpcState>, headers: HeaderMap, body: Bytes) -> Response {
-    serve(&s, &headers, &body, "vote request", |rpc| s.raft.vote(rpc)).await
+    serve(&s, &headers, &body, "vote request", |rpc| {
+        s.leader.raft().vote(rpc)
+    })
+    .await
 }
 
 async fn install_snapshot(State(s): State<RpcState>, headers: HeaderMap, body: Bytes) -> Response {
     serve(&s, &headers, &body, "install-snapshot request", |rpc| {
-        s.raft.install_snapshot(rpc)
+        s.leader.raft().install_snapshot(rpc)
     })
     .await
 }
@@ -67,7 +70,7 @@ async fn forward(State(s): State<RpcState>, headers: HeaderMap, body: Bytes) -> 
         &headers,
         &body,
         "forwarded request",
-        |request: Request| execute_locally(&s.raft, request),
+        |request: Request| s.leader.execute(request),
     )
     .await
 }

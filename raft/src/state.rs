@@ -42,7 +42,7 @@ impl Outcome {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeRecord {
     pub registration: NodeRegistration,
-    pub registered_at_log_index: u64,
+    pub registered_at_event_index: u64,
     /// The latest observation of this node by each observer.
     pub health: BTreeMap<NodeId, HealthRecord>,
     /// A rejoin planned and not completed yet.
@@ -54,13 +54,13 @@ pub struct NodeRecord {
 pub struct RejoinRecord {
     pub generation: u64,
     pub method: RejoinMethod,
-    pub log_index: u64,
+    pub event_index: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HealthRecord {
     pub observation: Observation,
-    pub log_index: u64,
+    pub event_index: u64,
 }
 
 /// The last committed lease renewal. How long it is good for is measured on each node's own
@@ -69,7 +69,7 @@ pub struct HealthRecord {
 pub struct LeaseRecord {
     pub holder: NodeId,
     pub generation: u64,
-    pub log_index: u64,
+    pub event_index: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,7 +77,7 @@ pub struct SwitchoverRecord {
     pub from: NodeId,
     pub generation: u64,
     pub candidate: Option<NodeId>,
-    pub log_index: u64,
+    pub event_index: u64,
 }
 
 /// An operator's manual failover (`POST /failover`), pending while its generation is current
@@ -86,19 +86,19 @@ pub struct SwitchoverRecord {
 pub struct FailoverRecord {
     pub generation: u64,
     pub candidate: NodeId,
-    pub log_index: u64,
+    pub event_index: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DecisionRecord {
-    pub log_index: u64,
+    pub event_index: u64,
     pub new_generation: u64,
     pub decision: PromotionDecision,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecordedEvent {
-    pub log_index: u64,
+    pub event_index: u64,
     pub event: Event,
     pub outcome: Outcome,
 }
@@ -133,32 +133,34 @@ pub struct ClusterState {
     /// Events applied in total, and how many of them were no-ops.
     pub events_applied: u64,
     pub events_no_op: u64,
-    /// The log index of the last event applied.
-    pub last_event_log_index: u64,
+    /// The index of the last event applied. Events are numbered 1, 2, 3, … in the order they
+    /// are applied (the storage passes `last_event_index + 1`), whichever log entries carry them:
+    /// the index orders and names events here and in the API.
+    pub last_event_index: u64,
     /// The latest manual failover request; see [`ClusterState::pending_failover`].
     #[serde(default)]
     pub failover_request: Option<FailoverRecord>,
 }
 
 impl ClusterState {
-    /// Applies one committed event found at `log_index`.
-    pub fn apply(&mut self, event: &Event, log_index: u64) -> Outcome {
+    /// Applies one committed event, numbered `event_index` (greater than any applied before).
+    pub fn apply(&mut self, event: &Event, event_index: u64) -> Outcome {
         assert!(
-            log_index > self.last_event_log_index,
-            "events must be applied in log order: {log_index} after {}",
-            self.last_event_log_index
+            event_index > self.last_event_index,
+            "events must be applied in log order: {event_index} after {}",
+            self.last_event_index
         );
         let generation_before = self.generation;
 
         let outcome = match event {
-            Event::NodeRegistered(registration) => self.register(registration, log_index),
+            Event::NodeRegistered(registration) => self.register(registration, event_index),
             Event::NodeUnregistered { node_id, .. } => self.unregister(*node_id),
-            Event::HealthObserved(observation) => self.observe(observation, log_index),
+            Event::HealthObserved(observation) => self.observe(observation, event_index),
             Event::LeaseRenewed {
                 primary,
                 generation,
-            } => self.renew_lease(*primary, *generation, log_index),
-            Event::PromotionDecided(decision) => self.promote(decision, log_index),
+            } => self.renew_lease(*primary, *generation, event_index),
+            Event::PromotionDecided(decision) => self.promote(decision, event_index),
             Event::PrimaryResigned {
                 primary,
                 generation,
@@ -174,7 +176,7 @@ impl ClusterState {
                 generation,
                 method,
                 ..
-            } => self.rejoin_planned(*node_id, *generation, *method, log_index),
+            } => self.rejoin_planned(*node_id, *generation, *method, event_index),
             Event::RejoinCompleted {
                 node_id,
                 generation,
@@ -184,7 +186,7 @@ impl ClusterState {
                 primary,
                 generation,
                 candidate,
-            } => self.request_switchover(*primary, *generation, *candidate, log_index),
+            } => self.request_switchover(*primary, *generation, *candidate, event_index),
             Event::Paused { .. } => self.set_paused(true),
             Event::Resumed => self.set_paused(false),
             Event::SyncSetChanged {
@@ -195,7 +197,7 @@ impl ClusterState {
                 generation,
                 candidate,
                 ..
-            } => self.request_failover(*generation, *candidate, log_index),
+            } => self.request_failover(*generation, *candidate, event_index),
         };
 
         assert!(self.generation >= generation_before, "generation went back");
@@ -208,11 +210,11 @@ impl ClusterState {
         if !outcome.is_applied() {
             self.events_no_op += 1;
         }
-        self.last_event_log_index = log_index;
+        self.last_event_index = event_index;
         push_bounded(
             &mut self.recent,
             RecordedEvent {
-                log_index,
+                event_index,
                 event: event.clone(),
                 outcome: outcome.clone(),
             },
@@ -225,7 +227,7 @@ impl ClusterState {
         self.nodes.values().find(|n| n.registration.name == name)
     }
 
-    fn register(&mut self, registration: &NodeRegistration, log_index: u64) -> Outcome {
+    fn register(&mut self, registration: &NodeRegistration, event_index: u64) -> Outcome {
         let id = registration.node_id;
         if let Some(existing) = self.nodes.get(&id) {
             return Outcome::no_op(format!(
@@ -254,7 +256,7 @@ impl ClusterState {
             id,
             NodeRecord {
                 registration: registration.clone(),
-                registered_at_log_index: log_index,
+                registered_at_event_index: event_index,
                 health: BTreeMap::new(),
                 rejoining: None,
             },
@@ -279,7 +281,7 @@ impl ClusterState {
         Outcome::Applied
     }
 
-    fn observe(&mut self, observation: &Observation, log_index: u64) -> Outcome {
+    fn observe(&mut self, observation: &Observation, event_index: u64) -> Outcome {
         let Some(node) = self.nodes.get_mut(&observation.subject) else {
             return Outcome::no_op(format!(
                 "observed node {} is not registered",
@@ -290,13 +292,13 @@ impl ClusterState {
             observation.observer,
             HealthRecord {
                 observation: observation.clone(),
-                log_index,
+                event_index,
             },
         );
         Outcome::Applied
     }
 
-    fn renew_lease(&mut self, primary: NodeId, generation: u64, log_index: u64) -> Outcome {
+    fn renew_lease(&mut self, primary: NodeId, generation: u64, event_index: u64) -> Outcome {
         if generation != self.generation || self.primary != Some(primary) {
             return Outcome::no_op(format!(
                 "stale lease renewal by node {primary} for generation {generation}; \
@@ -308,7 +310,7 @@ impl ClusterState {
         self.lease = Some(LeaseRecord {
             holder: primary,
             generation,
-            log_index,
+            event_index,
         });
         // A primary that renews its lease is alive: a manual failover does not apply to it.
         if !self.primary_resigned {
@@ -317,19 +319,19 @@ impl ClusterState {
         Outcome::Applied
     }
 
-    fn promote(&mut self, decision: &PromotionDecision, log_index: u64) -> Outcome {
+    fn promote(&mut self, decision: &PromotionDecision, event_index: u64) -> Outcome {
         if decision.decided_for_generation != self.generation {
             return Outcome::no_op(format!(
                 "stale decision: made for generation {}, but the cluster is at generation {}",
                 decision.decided_for_generation, self.generation
             ));
         }
-        let lease = self.lease.as_ref().map(|l| l.log_index);
-        if decision.lease_log_index != lease {
+        let lease = self.lease.as_ref().map(|l| l.event_index);
+        if decision.lease_event_index != lease {
             return Outcome::no_op(format!(
-                "overtaken: decided on the lease renewal at log index {:?}, but the newest \
+                "overtaken: decided on the lease renewal at event index {:?}, but the newest \
                  applied is at {:?} (the primary is alive)",
-                decision.lease_log_index, lease
+                decision.lease_event_index, lease
             ));
         }
         if !self.nodes.contains_key(&decision.candidate) {
@@ -342,7 +344,7 @@ impl ClusterState {
         push_bounded(
             &mut self.decisions,
             DecisionRecord {
-                log_index,
+                event_index,
                 new_generation: self.generation,
                 decision: decision.clone(),
             },
@@ -400,8 +402,8 @@ impl ClusterState {
         // Paused, the promotion that ends a switchover would wait with the old primary stopped.
         if let Some(switchover) = self.pending_switchover().filter(|_| paused) {
             return Outcome::no_op(format!(
-                "a switchover is under way (log index {}); pause once it is done",
-                switchover.log_index
+                "a switchover is under way (event index {}); pause once it is done",
+                switchover.event_index
             ));
         }
         self.paused = paused;
@@ -420,7 +422,7 @@ impl ClusterState {
         primary: NodeId,
         generation: u64,
         candidate: Option<NodeId>,
-        log_index: u64,
+        event_index: u64,
     ) -> Outcome {
         if let Err(stale) = self.is_current_primary(primary, generation) {
             return stale;
@@ -439,8 +441,8 @@ impl ClusterState {
         }
         if let Some(pending) = self.pending_switchover() {
             return Outcome::no_op(format!(
-                "a switchover is already under way (log index {})",
-                pending.log_index
+                "a switchover is already under way (event index {})",
+                pending.event_index
             ));
         }
         if let Some(c) = candidate {
@@ -452,7 +454,7 @@ impl ClusterState {
             from: primary,
             generation,
             candidate,
-            log_index,
+            event_index,
         });
         Outcome::Applied
     }
@@ -465,7 +467,12 @@ impl ClusterState {
             .filter(|f| f.generation == self.generation)
     }
 
-    fn request_failover(&mut self, generation: u64, candidate: NodeId, log_index: u64) -> Outcome {
+    fn request_failover(
+        &mut self,
+        generation: u64,
+        candidate: NodeId,
+        event_index: u64,
+    ) -> Outcome {
         if generation != self.generation {
             return Outcome::no_op(format!(
                 "stale failover request for generation {generation}; the cluster is at {}",
@@ -488,7 +495,7 @@ impl ClusterState {
         self.failover_request = Some(FailoverRecord {
             generation,
             candidate,
-            log_index,
+            event_index,
         });
         Outcome::Applied
     }
@@ -519,7 +526,7 @@ impl ClusterState {
         node: NodeId,
         generation: u64,
         method: RejoinMethod,
-        log_index: u64,
+        event_index: u64,
     ) -> Outcome {
         if generation != self.generation {
             return Outcome::no_op(format!("stale rejoin plan for generation {generation}"));
@@ -533,7 +540,7 @@ impl ClusterState {
         record.rejoining = Some(RejoinRecord {
             generation,
             method,
-            log_index,
+            event_index,
         });
         Outcome::Applied
     }
@@ -583,7 +590,7 @@ mod tests {
     /// A decision made on `state` as it is: on its newest lease renewal.
     fn decided_on(state: &ClusterState, for_generation: u64, candidate: NodeId) -> Event {
         Event::PromotionDecided(PromotionDecision {
-            lease_log_index: state.lease.as_ref().map(|l| l.log_index),
+            lease_event_index: state.lease.as_ref().map(|l| l.event_index),
             ..decision(for_generation, candidate)
         })
     }
@@ -591,7 +598,7 @@ mod tests {
     fn decision(for_generation: u64, candidate: NodeId) -> PromotionDecision {
         PromotionDecision {
             decided_for_generation: for_generation,
-            lease_log_index: None,
+            lease_event_index: None,
             candidate,
             reason: "test".into(),
             candidates: vec![CandidateAssessment {

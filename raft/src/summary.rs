@@ -89,7 +89,7 @@ impl ClusterState {
             && own_record.is_some_and(|mine| {
                 node.health
                     .values()
-                    .all(|h| h.observation.reachable || h.log_index < mine.log_index)
+                    .all(|h| h.observation.reachable || h.event_index < mine.event_index)
             });
         let status = if observed_down >= majority && !own_is_newest {
             "down"
@@ -159,7 +159,7 @@ mod tests {
         assert_eq!(parse_lsn("1/FFFFFFFFF"), None);
     }
 
-    /// Node 1 the primary, nodes 2 and 3 standbys (log indexes 1-3).
+    /// Node 1 the primary, nodes 2 and 3 standbys (event indexes 1-3).
     fn three_nodes() -> ClusterState {
         let mut state = ClusterState::default();
         for id in [1, 2, 3] {

@@ -25,17 +25,26 @@ impl fmt::Display for Member {
     }
 }
 
-/// The result of applying one log entry to the state machine.
+/// What one Raft log entry carries: one or more events, applied in order. The leader puts the
+/// events proposed while an earlier entry is being written into one entry (see
+/// [`crate::forward::Leader`]), so that many events share one disk sync.
+pub type Events = Vec<Event>;
+
+/// The result of applying one event.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Applied {
+    /// The Raft log entry that carried the event.
     pub log_index: u64,
+    /// The event's own index: events are numbered 1, 2, 3, … in the order they are applied,
+    /// whichever entries carry them. It orders and names events in the state and the API.
+    pub event_index: u64,
     pub outcome: Outcome,
 }
 
 openraft::declare_raft_types!(
     pub TypeConfig:
-        D = Event,
-        R = Applied,
+        D = Events,
+        R = Vec<Applied>,
         NodeId = NodeId,
         Node = Member,
         SnapshotData = Cursor<Vec<u8>>,

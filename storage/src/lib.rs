@@ -55,15 +55,16 @@ use openraft::{
 };
 use raftmgr_raft::codec;
 use raftmgr_raft::types::{Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership};
-use raftmgr_raft::{Applied, ClusterState, NodeId, Outcome, TypeConfig};
+use raftmgr_raft::{Applied, ClusterState, NodeId, TypeConfig};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// The version byte in front of every stored record. 2: `PromotionDecision.lease_log_index`,
-/// `Event::FailoverRequested` and `ClusterState.failover_request`. A store of another version is
+/// `Event::FailoverRequested` and `ClusterState.failover_request`. 3: an entry carries a list of
+/// events, numbered by their own event index (`ClusterState.last_event_index`). A store of another version is
 /// refused with an error naming both versions (no upgrade chain yet: raftmgr is pre-release, and
 /// a cluster is upgraded by re-initialising its agents' stores; PostgreSQL is untouched).
-pub const FORMAT_VERSION: u8 = 2;
+pub const FORMAT_VERSION: u8 = 3;
 
 /// sled's page cache; the data is small (a compacted log of cluster events).
 const CACHE_CAPACITY_BYTES: u64 = 8 * 1024 * 1024;
@@ -503,7 +504,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Ok((machine.last_applied, machine.last_membership.clone()))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<Applied>>
+    /// One reply per entry: the result of each event it carries (none for a blank or a
+    /// membership entry). Events are numbered on from the last one applied, so replicas number
+    /// them alike however the leader grouped them into entries.
+    async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<Vec<Applied>>>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -513,15 +517,26 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         for entry in entries {
             let log_index = entry.log_id.index;
             machine.last_applied = Some(entry.log_id);
-            let outcome = match entry.payload {
-                EntryPayload::Blank => Outcome::Applied,
-                EntryPayload::Normal(event) => machine.state.apply(&event, log_index),
+            let applied = match entry.payload {
+                EntryPayload::Blank => Vec::new(),
+                EntryPayload::Normal(events) => events
+                    .iter()
+                    .map(|event| {
+                        let event_index = machine.state.last_event_index + 1;
+                        let outcome = machine.state.apply(event, event_index);
+                        Applied {
+                            log_index,
+                            event_index,
+                            outcome,
+                        }
+                    })
+                    .collect(),
                 EntryPayload::Membership(membership) => {
                     machine.last_membership = StoredMembership::new(Some(entry.log_id), membership);
-                    Outcome::Applied
+                    Vec::new()
                 }
             };
-            replies.push(Applied { log_index, outcome });
+            replies.push(applied);
         }
         Ok(replies)
     }

@@ -325,7 +325,7 @@ pub fn convergence(history: &History) -> Verdict {
     Verdict::new("convergence", problems, summary)
 }
 
-/// Every agent's applied event log is a prefix of the longest: no log index holds two different
+/// Every agent's applied event log is a prefix of the longest: no event index holds two different
 /// events, on two agents or on one agent at two times.
 pub fn log_agreement(history: &History) -> Verdict {
     let mut problems: Vec<String> = history.log_rewrites.clone();
@@ -337,7 +337,7 @@ pub fn log_agreement(history: &History) -> Verdict {
                     agreed.insert(*index, (node, event));
                 }
                 Some((first, theirs)) if *theirs != event => problems.push(format!(
-                    "log index {index}: {first} applied {theirs}, {node} applied {event}"
+                    "event index {index}: {first} applied {theirs}, {node} applied {event}"
                 )),
                 Some(_) => {}
             }
@@ -355,7 +355,7 @@ pub fn log_agreement(history: &History) -> Verdict {
         })
         .collect();
     let summary = format!(
-        "{} distinct log indexes compared ({})",
+        "{} distinct event indexes compared ({})",
         agreed.len(),
         lengths.join(", ")
     );
@@ -541,7 +541,7 @@ mod tests {
     }
 
     #[test]
-    fn a_log_index_with_two_events_fails_agreement() {
+    fn an_event_index_with_two_events_fails_agreement() {
         let mut history = healthy();
         history
             .logs
@@ -550,7 +550,7 @@ mod tests {
             .insert(2, "PromotionDecided(3)".into());
         let verdict = log_agreement(&history);
         assert!(!verdict.ok);
-        assert!(verdict.details[0].contains("log index 2"), "{verdict:?}");
+        assert!(verdict.details[0].contains("event index 2"), "{verdict:?}");
 
         let mut history = healthy();
         history.log_rewrites.push("node1 rewrote index 1".into());

@@ -4,7 +4,7 @@
 //! libpq's multi-host conninfo with `target_session_attrs=read-write`, one through the node whose
 //! `GET /primary` answers 200 (what HAProxy does). Every attempt is recorded with its outcome.
 //! The observer polls every agent's committed state and events, recording each new generation and
-//! every applied event by log index.
+//! every applied event by event index.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -369,14 +369,14 @@ fn note_events(observed: &mut Observed, node: &str, events: &[RecordedEvent]) {
     let mut rewrites = Vec::new();
     for e in events {
         let text = serde_json::to_string(&(&e.event, &e.outcome)).unwrap_or_default();
-        match log.get(&e.log_index) {
+        match log.get(&e.event_index) {
             Some(before) if *before != text => rewrites.push(format!(
-                "{node} applied {before} at log index {}, later {text}",
-                e.log_index
+                "{node} applied {before} at event index {}, later {text}",
+                e.event_index
             )),
             Some(_) => {}
             None => {
-                log.insert(e.log_index, text);
+                log.insert(e.event_index, text);
             }
         }
     }
