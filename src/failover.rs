@@ -890,6 +890,7 @@ impl Executor {
             tokio::time::sleep(PROMOTE_POLL).await;
         }
         tracing::warn!("promoted PostgreSQL to primary");
+        tokio::spawn(checkpoint_after_promotion(client));
         let (pg, name) = (self.pg.clone(), self.name.clone());
         blocking(move || pg.write_config(&name, None)).await
     }
@@ -923,11 +924,9 @@ impl Executor {
         };
         self.proposer.propose(plan).await?;
         let conninfo = self.conninfo_of(state, primary)?;
-        // Until the new primary's first checkpoint after promotion, its control file still shows
-        // the old timeline and pg_rewind would decide that nothing needs rewinding.
         let source =
             probe::connect(&self.pg.peer_conninfo(&conninfo, "postgres"), PROBE_TIMEOUT).await?;
-        source.batch_execute("CHECKPOINT").await?;
+        ensure_checkpoint_on_current_timeline(&source).await?;
         self.ensure_slot(&conninfo).await?;
         let (pg, upstream) = (self.pg.clone(), conninfo.clone());
         let rewound = blocking(move || {
@@ -999,6 +998,50 @@ impl Executor {
         self.proposer.propose(done).await?;
         Ok(())
     }
+}
+
+/// pg_rewind reads the source's timeline from its control file, which names the old timeline
+/// until the first checkpoint after a promotion; before it, pg_rewind decides that nothing needs
+/// rewinding. A new primary therefore checkpoints at once, in the background (as Patroni does),
+/// so that a returning old primary finds it done instead of waiting for it.
+async fn checkpoint_after_promotion(client: tokio_postgres::Client) {
+    let started = Instant::now();
+    match client.batch_execute("CHECKPOINT").await {
+        Ok(()) => tracing::info!(
+            "checkpoint after promotion done in {} ms",
+            started.elapsed().as_millis()
+        ),
+        Err(e) => tracing::warn!("checkpoint after promotion failed: {e}"),
+    }
+}
+
+/// Checkpoints `source` (a primary) unless its last checkpoint is already on its current
+/// timeline; see [`checkpoint_after_promotion`].
+async fn ensure_checkpoint_on_current_timeline(
+    source: &tokio_postgres::Client,
+) -> anyhow::Result<()> {
+    let row = source
+        .query_one(
+            "SELECT (SELECT timeline_id FROM pg_control_checkpoint()), \
+                    pg_walfile_name(pg_current_wal_lsn())",
+            &[],
+        )
+        .await?;
+    let checkpoint_timeline = row.get::<_, Option<i32>>(0).map(|t| t as u32);
+    let walfile: String = row.get(1);
+    let current_timeline = probe::timeline_of_walfile(&walfile);
+    if current_timeline.is_some() && current_timeline == checkpoint_timeline {
+        tracing::info!("the source's last checkpoint is on its timeline {walfile:.8}");
+        return Ok(());
+    }
+    let started = Instant::now();
+    source.batch_execute("CHECKPOINT").await?;
+    tracing::info!(
+        "checkpointed the source, whose last checkpoint was on timeline {checkpoint_timeline:?}, \
+         in {} ms",
+        started.elapsed().as_millis()
+    );
+    Ok(())
 }
 
 async fn blocking<T: Send + 'static>(

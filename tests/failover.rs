@@ -146,6 +146,15 @@ async fn a_killed_primary_postmaster_fails_over_and_the_old_primary_rejoins() {
 async fn a_crashed_primary_node_fails_over_by_lease_and_is_rewound_on_return() {
     let mut cluster = replicated_cluster().await;
     cluster.wait_streaming(1, &[2, 3], TIMEOUT).await.unwrap();
+    // Some hundreds of pages, left dirty on the standbys by replay: a checkpoint spread over
+    // time (PostgreSQL's own after a promotion) writes one every 0.1 s.
+    sql(
+        &cluster,
+        1,
+        "CREATE TABLE filler AS SELECT g FROM generate_series(1, 100000) g",
+    )
+    .await
+    .unwrap();
 
     // The whole node: agent and postmaster together.
     cluster.kill(1).unwrap();
@@ -167,6 +176,33 @@ async fn a_crashed_primary_node_fails_over_by_lease_and_is_rewound_on_return() {
         &cluster,
         new_primary,
         "INSERT INTO acked SELECT generate_series(101, 120)",
+    )
+    .await
+    .unwrap();
+    // The new primary checkpoints at once, so that its control file names its new timeline
+    // when the old primary returns: PostgreSQL's own checkpoint after a promotion is spread over
+    // minutes, and pg_rewind would wait for it (or wrongly find nothing to rewind).
+    wait::until(
+        "the new primary's checkpoint on its new timeline",
+        Duration::from_secs(5),
+        || async {
+            let row = sql(
+                &cluster,
+                new_primary,
+                "SELECT (SELECT timeline_id FROM pg_control_checkpoint()), \
+                        pg_walfile_name(pg_current_wal_lsn())",
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            let (checkpoint, walfile): (i32, String) = (row[0].get(0), row[0].get(1));
+            if walfile.starts_with(&format!("{checkpoint:08X}")) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "last checkpoint on timeline {checkpoint}, WAL file {walfile}"
+                ))
+            }
+        },
     )
     .await
     .unwrap();

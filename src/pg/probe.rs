@@ -81,6 +81,12 @@ SELECT application_name, state, sync_state, replay_lsn::text,
        (EXTRACT(EPOCH FROM replay_lag) * 1000)::bigint
 FROM pg_stat_replication ORDER BY application_name";
 
+/// The timeline a WAL file name starts with (eight hex digits), e.g. 2 for
+/// `000000020000000000000003`.
+pub fn timeline_of_walfile(name: &str) -> Option<u32> {
+    u32::from_str_radix(name.get(0..8)?, 16).ok()
+}
+
 /// The full status of a PostgreSQL, including `pg_stat_replication` when `with_replicas`.
 pub async fn status(
     client: &Client,
@@ -110,7 +116,7 @@ async fn query_status(client: &Client, with_replicas: bool) -> anyhow::Result<Pg
         // promotion until the next checkpoint.
         walfile
             .as_deref()
-            .and_then(|f| u32::from_str_radix(f.get(0..8)?, 16).ok())
+            .and_then(timeline_of_walfile)
             .or(checkpoint_timeline.map(|t| t as u32))
     };
     let lsn = if in_recovery {
