@@ -115,7 +115,7 @@ pub async fn primary_init(node: &NodeConfig) -> anyhow::Result<()> {
     ensure_replication_role(&local, settings).await?;
     let index = register(&client, node, settings, PgRole::Primary, None).await?;
     println!(
-        "{} is the primary (registered: event {index})",
+        "{} is the primary (registered as event {index})",
         node.file.name
     );
     Ok(())
