@@ -125,6 +125,10 @@ pub struct BenchFailoverArgs {
     /// rewind-vs-reclone: how much to write on the new primary before the rejoin, MiB (heap).
     #[arg(long, default_value_t = 5)]
     pub divergence_mb: u64,
+    /// rewind-vs-reclone: run each node in its own network namespace (root only) and limit what
+    /// each sends to this many Mbit/s, e.g. 1000 for a gigabit LAN [default: loopback, no limit].
+    #[arg(long)]
+    pub link_mbit: Option<u32>,
     /// Copy every node's agent log of every run into this folder (`<scenario>-run<N>-node<id>.log`).
     #[arg(long)]
     pub keep_logs: Option<PathBuf>,
@@ -1371,9 +1375,14 @@ async fn rejoin_bench(binary: &Path, args: &BenchFailoverArgs) -> serde_json::Va
     let elapsed_s = started.elapsed().as_secs_f64();
     if !args.json {
         print_rejoin_summary(&[&rewind, &reclone], &ratios, elapsed_s);
+        match args.link_mbit {
+            Some(mbit) => println!("  links: network namespaces, {mbit} Mbit/s out of each node"),
+            None => println!("  links: loopback, unlimited"),
+        }
     }
     serde_json::json!({
         "scenario": Scenario::RewindVsReclone,
+        "link_mbit": args.link_mbit,
         "runs": runs,
         "failures": failures,
         "summary": { "rewind": rewind, "reclone": reclone, "ratios": ratios },
@@ -1392,13 +1401,23 @@ async fn rejoin_run(
         postgres: true,
         raft_settings: args.raft_settings.clone(),
         failover_settings: args.failover_settings.clone(),
+        network: args.link_mbit.is_some(),
         ..Options::default()
     };
     let mut cluster = LocalCluster::start(binary, &options)
         .await
         .context("starting a three-node cluster")?;
     let folder = cluster.dir().to_path_buf();
-    let result = rejoin_run_on(&mut cluster, path, number, args).await;
+    let limited = match (args.link_mbit, cluster.network()) {
+        (Some(mbit), Some(network)) => network
+            .limit_rate(mbit)
+            .with_context(|| format!("limiting the links to {mbit} Mbit/s")),
+        _ => Ok(()),
+    };
+    let result = match limited {
+        Ok(()) => rejoin_run_on(&mut cluster, path, number, args).await,
+        Err(e) => Err(e),
+    };
     if let Some(dir) = &args.keep_logs {
         for id in cluster.ids() {
             let to = dir.join(format!(

@@ -153,6 +153,34 @@ impl LabNetwork {
         result
     }
 
+    /// Limits what every node sends to `mbit` Mbit/s (a token bucket on its interface), so that
+    /// copies between nodes take the time they take on such a link rather than on loopback.
+    pub fn limit_rate(&self, mbit: u32) -> anyhow::Result<()> {
+        anyhow::ensure!(mbit > 0, "a link of 0 Mbit/s carries nothing");
+        for id in 1..=self.nodes {
+            run(&[
+                "ip",
+                "netns",
+                "exec",
+                &self.namespace(id),
+                "tc",
+                "qdisc",
+                "replace",
+                "dev",
+                "eth0",
+                "root",
+                "tbf",
+                "rate",
+                &format!("{mbit}mbit"),
+                "burst",
+                "256kb",
+                "latency",
+                "50ms",
+            ])?;
+        }
+        Ok(())
+    }
+
     /// Removes every partition.
     pub fn heal(&self) -> anyhow::Result<()> {
         for id in 1..=self.nodes {
