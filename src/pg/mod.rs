@@ -378,11 +378,13 @@ impl Pg {
 
     /// `pg_rewind` of this (stopped) data directory from `source_conninfo`. PostgreSQL 13+ runs
     /// crash recovery first when the target was not shut down cleanly. With a `restore_command`,
-    /// WAL missing from the target's pg_wal is fetched from the archive.
+    /// WAL missing from the target's pg_wal is fetched from the archive. `--progress` makes its
+    /// output (which the agent logs) say how much it copied.
     pub fn rewind(&self, source_conninfo: &str) -> anyhow::Result<String> {
         self.remove_stale_lock_files()?;
         let mut command = self.command("pg_rewind");
         command
+            .arg("--progress")
             .arg("--target-pgdata")
             .arg(self.data_dir())
             .arg("--source-server")
