@@ -110,3 +110,18 @@ keep_run_logs() {
     done
     return 0
 }
+
+# remove_run_dir DATA_DIR...: stops each PostgreSQL still running in DATA_DIR (immediate mode),
+# waits for the orphan backends of a kill -9'd postmaster to exit by themselves (found by this
+# run's cluster_name, read only), then removes $RUNDIR.
+remove_run_dir() {
+    [ -n "$RUNDIR" ] && [ -d "$RUNDIR" ] || return 0
+    local d
+    for d in "$@"; do
+        if [ -f "$d/postmaster.pid" ]; then
+            as_pg "$PGBIN/pg_ctl" -D "$d" -m immediate -t 20 stop >/dev/null 2>&1
+        fi
+    done
+    wait_for 20 "orphans of $RUNDIR gone" bash -c "! pgrep -u postgres -f 'cmpa-$(basename "$RUNDIR")-' >/dev/null"
+    rm -rf "$RUNDIR"
+}

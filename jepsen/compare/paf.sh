@@ -88,16 +88,7 @@ cleanup_run() {
         fi
         AUTOCTL_PIDS[$k]=
     done
-    if [ -n "$RUNDIR" ] && [ -d "$RUNDIR" ]; then
-        local d
-        for d in "$RUNDIR"/node*/data "$RUNDIR"/monitor/data; do
-            if [ -f "$d/postmaster.pid" ]; then
-                as_pg "$PGBIN/pg_ctl" -D "$d" -m immediate -t 20 stop >/dev/null 2>&1
-            fi
-        done
-        wait_for 20 "orphans of $RUNDIR gone" bash -c "! pgrep -u postgres -f 'cmpa-$(basename "$RUNDIR")-' >/dev/null"
-        rm -rf "$RUNDIR"
-    fi
+    remove_run_dir "$RUNDIR"/node*/data "$RUNDIR"/monitor/data
     RUNDIR=
 }
 

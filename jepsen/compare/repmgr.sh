@@ -87,18 +87,7 @@ cleanup_run() {
         if [ -n "$pid" ]; then wait "$pid" 2>/dev/null; fi
         REPMGRD_PIDS[$i]=
     done
-    if [ -n "$RUNDIR" ] && [ -d "$RUNDIR" ]; then
-        for i in "${NODES[@]}"; do
-            local data=$RUNDIR/node$i/data
-            if [ -f "$data/postmaster.pid" ]; then
-                as_pg "$PGBIN/pg_ctl" -D "$data" -m immediate -t 20 stop >/dev/null 2>&1
-            fi
-        done
-        # orphan backends of a kill -9'd postmaster exit by themselves; wait for them (by name of
-        # this run's cluster_name, read only) before removing the folder
-        wait_for 20 "orphans of $RUNDIR gone" bash -c "! pgrep -u postgres -f 'cmpa-$(basename "$RUNDIR")-' >/dev/null"
-        rm -rf "$RUNDIR"
-    fi
+    remove_run_dir "$RUNDIR"/node*/data
     RUNDIR=
 }
 trap 'cleanup_run' EXIT
