@@ -101,6 +101,17 @@ find_new_primary() {
 
 # keep_run_logs RUN FILE...: with KEEP_LOGS set, copies the FILEs that exist (paths under $RUNDIR)
 # to $KEEP_LOGS/runRUN/, named by their path with / as _
+# wait_new_primary SECS: prints the node id find_new_primary finds, polling every 50 ms; prints
+# nothing after SECS.
+wait_new_primary() {
+    local deadline=$(( $(date +%s) + $1 )) newp
+    until newp=$(find_new_primary); do
+        if (( $(date +%s) > deadline )); then return 0; fi
+        sleep 0.05
+    done
+    echo "$newp"
+}
+
 keep_run_logs() {
     local run=$1 f; shift
     [ -n "${KEEP_LOGS:-}" ] || return 0

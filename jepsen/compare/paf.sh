@@ -181,11 +181,7 @@ one_run() {
     if [ "$LINE" = failover ]; then
         crash_node1
         local fault=$FAULT_NS
-        local deadline=$(( $(date +%s) + 180 )) newp=
-        until newp=$(find_new_primary); do
-            if (( $(date +%s) > deadline )); then break; fi
-            sleep 0.05
-        done
+        local newp; newp=$(wait_new_primary 180)
         local promoted; promoted=$(now_ns)
         if [ -z "$newp" ]; then
             stop_writer

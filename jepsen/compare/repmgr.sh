@@ -258,11 +258,7 @@ one_run() {
     kill -9 "${REPMGRD_PIDS[1]}" "$pm"
     REPMGRD_PIDS[1]=
     log "run $run: fault at $fault (killed repmgrd and postmaster $pm of node1)"
-    local deadline=$(( $(date +%s) + 180 )) newp=
-    until newp=$(find_new_primary); do
-        if (( $(date +%s) > deadline )); then break; fi
-        sleep 0.05
-    done
+    local newp; newp=$(wait_new_primary 180)
     local promoted; promoted=$(now_ns)
     if [ -z "$newp" ]; then
         stop_writer
