@@ -201,6 +201,13 @@ pub struct PostgresSection {
     /// pg_wal comes from the archive instead of forcing a re-clone.
     #[serde(default)]
     pub restore_command: Option<String>,
+    /// The most WAL, in MiB, the primary keeps for a node that does not stream
+    /// (`max_slot_wal_keep_size`; 0: no limit). Every node has a replication slot on the
+    /// primary, made at the latest when the primary is promoted, so that a node that returns
+    /// (a former primary to be rewound included) finds the WAL it needs. A node away for longer
+    /// loses its slot and must be cloned again (`raftmgr node reinitialize`).
+    #[serde(default = "defaults::max_slot_wal_keep_size_mb")]
+    pub max_slot_wal_keep_size_mb: u64,
     /// How often the agent probes its own PostgreSQL.
     #[serde(default = "defaults::probe_interval_ms")]
     pub probe_interval_ms: u64,
@@ -315,6 +322,9 @@ pub mod defaults {
     }
     pub fn pg_priority() -> u32 {
         100
+    }
+    pub fn max_slot_wal_keep_size_mb() -> u64 {
+        4096
     }
     pub fn probe_interval_ms() -> u64 {
         250

@@ -521,7 +521,7 @@ impl Executor {
         let generation = state.generation;
         match action {
             Action::AcquireLease => self.lease.wake.notify_one(),
-            Action::Promote => self.promote().await?,
+            Action::Promote => self.promote(state).await?,
             Action::ReportPromoted => {
                 let event = Event::PromotionCompleted {
                     node_id: self.me,
@@ -843,7 +843,7 @@ impl Executor {
     }
 
     /// Replays what was received (bounded), then promotes.
-    async fn promote(&self) -> anyhow::Result<()> {
+    async fn promote(&self, state: &ClusterState) -> anyhow::Result<()> {
         let client = probe::connect(&self.pg.local_conninfo(), PROBE_TIMEOUT).await?;
         // Replay everything received. The received position can lie past the last complete
         // record (the dead primary's torn last record), which replay never reaches: so stop
@@ -890,9 +890,34 @@ impl Executor {
             tokio::time::sleep(PROMOTE_POLL).await;
         }
         tracing::warn!("promoted PostgreSQL to primary");
-        tokio::spawn(checkpoint_after_promotion(client));
+        tokio::spawn(after_promotion(client, self.slots_to_keep(state)));
         let (pg, name) = (self.pg.clone(), self.name.clone());
         blocking(move || pg.write_config(&name, None)).await
+    }
+
+    /// A slot for every other node, after this node's promotion: each keeps WAL from the
+    /// position the promotion decision saw the node at, or, for nodes it did not assess (the
+    /// former primary), from the fork.
+    fn slots_to_keep(&self, state: &ClusterState) -> Vec<SlotToKeep> {
+        let decision = state
+            .decisions
+            .back()
+            .filter(|d| d.new_generation == state.generation && d.decision.candidate == self.me);
+        state
+            .nodes
+            .values()
+            .filter(|n| n.registration.node_id != self.me)
+            .map(|n| SlotToKeep {
+                name: crate::pg::slot_name(&n.registration.name),
+                from_lsn: decision.and_then(|d| {
+                    d.decision
+                        .candidates
+                        .iter()
+                        .find(|c| c.node_id == n.registration.node_id)
+                        .and_then(|c| c.lsn)
+                }),
+            })
+            .collect()
     }
 
     /// Creates this node's replication slot on the primary if it is missing (slots are not
@@ -900,15 +925,7 @@ impl Executor {
     async fn ensure_slot(&self, primary_conninfo: &str) -> anyhow::Result<()> {
         let conninfo = self.pg.peer_conninfo(primary_conninfo, "postgres");
         let client = probe::connect(&conninfo, PROBE_TIMEOUT).await?;
-        let slot = crate::pg::slot_name(&self.name);
-        client
-            .execute(
-                "SELECT pg_create_physical_replication_slot($1, true) \
-                 WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
-                &[&slot],
-            )
-            .await?;
-        Ok(())
+        create_slot(&client, &crate::pg::slot_name(&self.name)).await
     }
 
     /// pg_rewind from the primary, then start as its standby; reported as RejoinPlanned and
@@ -1000,11 +1017,44 @@ impl Executor {
     }
 }
 
-/// pg_rewind reads the source's timeline from its control file, which names the old timeline
-/// until the first checkpoint after a promotion; before it, pg_rewind decides that nothing needs
-/// rewinding. A new primary therefore checkpoints at once, in the background (as Patroni does),
-/// so that a returning old primary finds it done instead of waiting for it.
-async fn checkpoint_after_promotion(client: tokio_postgres::Client) {
+/// A replication slot a new primary makes for another node.
+#[derive(Debug)]
+struct SlotToKeep {
+    name: String,
+    /// Keep WAL from here (or from the fork, if that comes first; None: from the fork).
+    from_lsn: Option<u64>,
+}
+
+/// What a new primary does at once, in the background:
+///
+/// - A replication slot for every other node, so that the WAL each needs to follow stays. A
+///   slot made now would hold WAL from the last restartpoint on (a physical slot reserves from
+///   the redo point), possibly gigabytes that a former primary's pg_rewind would then copy
+///   whole; so each is moved up to the fork, or to where the promotion decision saw that
+///   standby, if it was behind. A former primary needs nothing from before the fork: its own
+///   WAL has it (see `pg::wal`).
+/// - `CHECKPOINT`, as Patroni does, after the slots, so that it removes what they do not hold.
+///   pg_rewind reads the source's timeline from its control file, which names the old timeline
+///   until the first checkpoint after a promotion; before it, pg_rewind decides that nothing
+///   needs rewinding. PostgreSQL's own is spread over minutes; a returning old primary finds
+///   this one done instead of waiting for it.
+async fn after_promotion(client: tokio_postgres::Client, slots: Vec<SlotToKeep>) {
+    let fork = match fork_lsn(&client).await {
+        Ok(fork) => Some(fork),
+        Err(e) => {
+            tracing::warn!("could not read where this timeline forked: {e:#}");
+            None
+        }
+    };
+    for slot in &slots {
+        let from = match (fork, slot.from_lsn) {
+            (Some(fork), Some(seen)) => Some(fork.min(seen)),
+            (fork, _) => fork,
+        };
+        if let Err(e) = keep_slot(&client, &slot.name, from).await {
+            tracing::warn!("could not create replication slot {}: {e:#}", slot.name);
+        }
+    }
     let started = Instant::now();
     match client.batch_execute("CHECKPOINT").await {
         Ok(()) => tracing::info!(
@@ -1015,8 +1065,71 @@ async fn checkpoint_after_promotion(client: tokio_postgres::Client) {
     }
 }
 
+/// Where the current timeline begins: the last switch point in its history file.
+async fn fork_lsn(client: &tokio_postgres::Client) -> anyhow::Result<u64> {
+    let history: String = client
+        .query_one(
+            "SELECT pg_read_file('pg_wal/' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) \
+             || '.history')",
+            &[],
+        )
+        .await?
+        .get(0);
+    switch_point(&history).context("no switch point in the timeline history file")
+}
+
+/// The last switch point of a timeline history file (lines of parent timeline, switch LSN,
+/// reason; `#` comments).
+fn switch_point(history: &str) -> Option<u64> {
+    history
+        .lines()
+        .rev()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .find_map(|l| l.split_whitespace().nth(1))
+        .and_then(raftmgr_raft::summary::parse_lsn)
+}
+
+/// Creates `slot` unless it exists, and moves it up to `from` when it holds WAL from before
+/// (never back, never while a standby streams through it).
+async fn keep_slot(
+    client: &tokio_postgres::Client,
+    slot: &str,
+    from: Option<u64>,
+) -> anyhow::Result<()> {
+    create_slot(client, slot).await?;
+    if let Some(from) = from {
+        let from = raftmgr_raft::summary::format_lsn(from);
+        client
+            .execute(
+                "SELECT pg_replication_slot_advance(slot_name, $2::text::pg_lsn) \
+                 FROM pg_replication_slots \
+                 WHERE slot_name = $1 AND NOT active AND restart_lsn < $2::text::pg_lsn",
+                &[&slot, &from],
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// Creates a physical replication slot that reserves WAL at once, unless it exists (made
+/// meanwhile by another session included: a new primary makes its standbys' slots while they
+/// make their own).
+async fn create_slot(client: &tokio_postgres::Client, slot: &str) -> anyhow::Result<()> {
+    let created = client
+        .execute(
+            "SELECT pg_create_physical_replication_slot($1, true) \
+             WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
+            &[&slot],
+        )
+        .await;
+    match created {
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => Ok(()),
+        other => other.map(|_| ()).map_err(Into::into),
+    }
+}
+
 /// Checkpoints `source` (a primary) unless its last checkpoint is already on its current
-/// timeline; see [`checkpoint_after_promotion`].
+/// timeline; see [`after_promotion`].
 async fn ensure_checkpoint_on_current_timeline(
     source: &tokio_postgres::Client,
 ) -> anyhow::Result<()> {
@@ -1096,5 +1209,14 @@ mod tests {
             "2026-11-30 PANIC:  could not locate a valid checkpoint record"
         );
         assert_eq!(telling_line("one\ntwo\n"), "two");
+    }
+
+    #[test]
+    fn a_timeline_begins_at_the_last_switch_point_of_its_history() {
+        let history = "1\t0/3000000\tno recovery target specified\n\
+                       \n\
+                       2\t1/57B19050\tno recovery target specified\n";
+        assert_eq!(switch_point(history), Some(0x1_57B1_9050));
+        assert_eq!(switch_point("# only a comment\n"), None);
     }
 }

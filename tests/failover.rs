@@ -179,33 +179,7 @@ async fn a_crashed_primary_node_fails_over_by_lease_and_is_rewound_on_return() {
     )
     .await
     .unwrap();
-    // The new primary checkpoints at once, so that its control file names its new timeline
-    // when the old primary returns: PostgreSQL's own checkpoint after a promotion is spread over
-    // minutes, and pg_rewind would wait for it (or wrongly find nothing to rewind).
-    wait::until(
-        "the new primary's checkpoint on its new timeline",
-        Duration::from_secs(5),
-        || async {
-            let row = sql(
-                &cluster,
-                new_primary,
-                "SELECT (SELECT timeline_id FROM pg_control_checkpoint()), \
-                        pg_walfile_name(pg_current_wal_lsn())",
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-            let (checkpoint, walfile): (i32, String) = (row[0].get(0), row[0].get(1));
-            if walfile.starts_with(&format!("{checkpoint:08X}")) {
-                Ok(())
-            } else {
-                Err(format!(
-                    "last checkpoint on timeline {checkpoint}, WAL file {walfile}"
-                ))
-            }
-        },
-    )
-    .await
-    .unwrap();
+    wait_checkpoint_on_new_timeline(&cluster, new_primary).await;
 
     // The node returns: its agent must not start the old primary writable; it rewinds it.
     let returned = Instant::now();
@@ -231,6 +205,149 @@ async fn a_crashed_primary_node_fails_over_by_lease_and_is_rewound_on_return() {
         .get(0);
     assert!(in_recovery, "the old primary came back as a standby");
     wait_rows(&cluster, 1, 120).await;
+}
+
+/// The new primary checkpoints at once, so that its control file names its new timeline when
+/// the old primary returns: PostgreSQL's own checkpoint after a promotion is spread over minutes,
+/// and pg_rewind would wait for it (or wrongly find nothing to rewind).
+async fn wait_checkpoint_on_new_timeline(cluster: &LocalCluster, id: NodeId) {
+    wait::until(
+        "the new primary's checkpoint on its new timeline",
+        Duration::from_secs(5),
+        || async {
+            let row = sql(
+                cluster,
+                id,
+                "SELECT (SELECT timeline_id FROM pg_control_checkpoint()), \
+                        pg_walfile_name(pg_current_wal_lsn())",
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            let (checkpoint, walfile): (i32, String) = (row[0].get(0), row[0].get(1));
+            if walfile.starts_with(&format!("{checkpoint:08X}")) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "last checkpoint on timeline {checkpoint}, WAL file {walfile}"
+                ))
+            }
+        },
+    )
+    .await
+    .unwrap();
+}
+
+/// Recovery after a rewind starts at the redo point of the last checkpoint both servers share.
+/// A checkpoint spread over a stretch of writes (any but `CHECKPOINT`'s) puts that point
+/// segments before the checkpoint's record; PostgreSQL 15's pg_rewind removes those segments
+/// from the target, and the new primary no longer has them either (it keeps WAL for its slots,
+/// from the fork on). The agent links the old primary's own segments back: it rejoins by rewind,
+/// without an archive.
+#[tokio::test]
+async fn a_crashed_primary_is_rewound_from_its_own_wal_before_a_spread_checkpoint() {
+    let mut cluster = replicated_cluster().await;
+    cluster.wait_streaming(1, &[2, 3], TIMEOUT).await.unwrap();
+    for statement in [
+        "ALTER SYSTEM SET max_wal_size = '32MB'",
+        "SELECT pg_reload_conf()",
+        "CREATE TABLE spread AS SELECT g, repeat('x', 100) AS filler \
+         FROM generate_series(1, 100000) g",
+    ] {
+        sql(&cluster, 1, statement).await.unwrap();
+    }
+    // Dirty pages to write and segments switched while they are written: WAL volume starts
+    // checkpoints, which run while the loop goes on.
+    let checkpoint =
+        "SELECT redo_wal_file, pg_walfile_name(checkpoint_lsn) FROM pg_control_checkpoint()";
+    let (redo, record) = wait::until(
+        "a checkpoint whose record lies segments after its redo point",
+        Duration::from_secs(60),
+        || async {
+            for statement in [
+                "UPDATE spread SET filler = filler WHERE g % 10 = 0",
+                "SELECT pg_switch_wal()",
+            ] {
+                sql(&cluster, 1, statement)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            let row = sql(&cluster, 1, checkpoint)
+                .await
+                .map_err(|e| e.to_string())?;
+            let (redo, record): (String, String) = (row[0].get(0), row[0].get(1));
+            // Segment names sort in WAL order within a timeline.
+            if redo[8..] < record[8..] {
+                Ok((redo, record))
+            } else {
+                Err(format!("redo point and record both in {record}"))
+            }
+        },
+    )
+    .await
+    .unwrap();
+    let end: String = sql(&cluster, 1, "SELECT pg_current_wal_lsn()::text")
+        .await
+        .unwrap()[0]
+        .get(0);
+    for id in [2, 3] {
+        let replayed = format!("SELECT pg_last_wal_replay_lsn() >= '{end}'");
+        wait::until(
+            &format!("node {id} to replay up to {end}"),
+            TIMEOUT,
+            || async {
+                let row = sql(&cluster, id, &replayed)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                row[0]
+                    .get::<_, bool>(0)
+                    .then_some(())
+                    .ok_or("behind".to_string())
+            },
+        )
+        .await
+        .unwrap();
+    }
+    let row = sql(&cluster, 1, checkpoint).await.unwrap();
+    assert_eq!(
+        (row[0].get::<_, String>(0), row[0].get::<_, String>(1)),
+        (redo.clone(), record),
+        "no later checkpoint completed meanwhile"
+    );
+
+    cluster.kill(1).unwrap();
+    cluster.kill_postmaster(1).unwrap();
+    let (new_primary, _) = wait_for_new_primary(&cluster, 2, 1).await;
+    wait_checkpoint_on_new_timeline(&cluster, new_primary).await;
+    let kept: i64 = sql(
+        &cluster,
+        new_primary,
+        &format!("SELECT count(*) FROM pg_ls_waldir() WHERE name = '{redo}'"),
+    )
+    .await
+    .unwrap()[0]
+        .get(0);
+    assert_eq!(kept, 0, "the new primary no longer has {redo}");
+
+    cluster.start_node(1).unwrap();
+    let view = wait_all_follow(&cluster, new_primary).await;
+    let method = view.state.recent.iter().find_map(|e| match &e.event {
+        Event::RejoinCompleted {
+            node_id: 1, method, ..
+        } => Some(*method),
+        _ => None,
+    });
+    assert_eq!(
+        method,
+        Some(raftmgr_raft::RejoinMethod::Rewind),
+        "node 1 was rewound: {:?}",
+        kinds(&view)
+    );
+    let log = std::fs::read_to_string(&cluster.node(1).log).unwrap();
+    assert!(
+        log.contains("of its own WAL from before the fork"),
+        "node 1's agent linked its own segments back after pg_rewind"
+    );
+    wait_rows(&cluster, 1, 100).await;
 }
 
 /// Inserts into node `id` until stopped; returns the acknowledgement times of the rows written.

@@ -3,6 +3,7 @@
 //! pg_ctl, so it keeps running when the agent restarts.
 
 pub mod probe;
+pub mod wal;
 
 use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -212,9 +213,10 @@ impl Pg {
         upstream: Option<Upstream<'_>>,
     ) -> anyhow::Result<()> {
         let section = &self.settings.section;
-        // Little WAL kept around: standbys hold replication slots, and pg_rewind copies the
-        // source's whole pg_wal (recycled segments included), so every kept segment slows a
-        // rejoin.
+        // No WAL kept beyond what the replication slots hold (every node has one on the
+        // primary, made at the latest when it is promoted), no segment recycled: pg_rewind
+        // copies the source's whole pg_wal, so every segment there slows a rejoin. The slots
+        // hold at most `max_slot_wal_keep_size`.
         let mut conf = format!(
             "# Written by raftmgr; edits are overwritten. Put your own settings in postgresql.conf.\n\
              listen_addresses = '{}'\n\
@@ -224,7 +226,8 @@ impl Pg {
              wal_log_hints = on\n\
              max_wal_senders = 16\n\
              max_replication_slots = 16\n\
-             wal_keep_size = '64MB'\n\
+             wal_keep_size = 0\n\
+             max_slot_wal_keep_size = {}\n\
              wal_recycle = off\n\
              hot_standby = on\n\
              hot_standby_feedback = on\n\
@@ -235,6 +238,10 @@ impl Pg {
             section.listen_address,
             section.port,
             self.settings.socket_dir.display(),
+            match section.max_slot_wal_keep_size_mb {
+                0 => "-1".to_string(),
+                mb => format!("'{mb}MB'"),
+            },
             node_name,
         );
         if let Some(command) = &section.archive_command {
@@ -379,9 +386,12 @@ impl Pg {
     /// `pg_rewind` of this (stopped) data directory from `source_conninfo`. PostgreSQL 13+ runs
     /// crash recovery first when the target was not shut down cleanly. With a `restore_command`,
     /// WAL missing from the target's pg_wal is fetched from the archive. `--progress` makes its
-    /// output (which the agent logs) say how much it copied.
+    /// output (which the agent logs) say how much it copied. The target's own segments from
+    /// before the fork, which pg_rewind may remove though recovery needs them, are kept aside
+    /// and linked back (see [`wal`]).
     pub fn rewind(&self, source_conninfo: &str) -> anyhow::Result<String> {
         self.remove_stale_lock_files()?;
+        let kept = wal::WalAside::keep(&self.data_dir().join("pg_wal"), &self.wal_aside_dir())?;
         let mut command = self.command("pg_rewind");
         command
             .arg("--progress")
@@ -393,12 +403,38 @@ impl Pg {
             command.arg("--restore-target-wal");
         }
         let out = command.output().context("running pg_rewind")?;
-        check("pg_rewind", &out)?;
-        Ok(format!(
+        let mut output = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
-        ))
+        );
+        let rewound = check("pg_rewind", &out);
+        let fork = match rewound {
+            Ok(()) => wal::Fork::from_rewind_output(&output),
+            Err(_) => None,
+        };
+        // After a failure every removed segment comes back, for the retry; when pg_rewind found
+        // nothing to rewind, it removed nothing.
+        if rewound.is_err() || fork.is_some() {
+            let restored = kept.restore(fork)?;
+            if let (Some(first), Some(last)) = (restored.first(), restored.last()) {
+                output += &format!(
+                    "raftmgr: linked back {} segments of its own WAL from before the fork \
+                     ({first} to {last})\n",
+                    restored.len()
+                );
+            }
+        }
+        kept.remove()?;
+        rewound.map(|()| output)
+    }
+
+    /// Where [`Pg::rewind`] keeps pg_wal's segments: beside the data directory (pg_rewind
+    /// removes what it finds in it that the source lacks), on the same filesystem as a rule.
+    fn wal_aside_dir(&self) -> std::path::PathBuf {
+        let mut dir = self.data_dir().as_os_str().to_owned();
+        dir.push(".wal-during-rewind");
+        std::path::PathBuf::from(dir)
     }
 
     /// Whether a postmaster runs for this data directory (postmaster.pid names a live process).

@@ -1,0 +1,310 @@
+//! A former primary's own WAL, kept across its pg_rewind.
+//!
+//! After a rewind, PostgreSQL replays from the redo point of the last checkpoint the two servers
+//! share. That WAL is history both have, and the target has it in its own pg_wal. But pg_rewind
+//! makes the target's pg_wal a copy of the source's: PostgreSQL 15's keeps the target's own
+//! segments only from that checkpoint's *record* on, and removes the older ones even though
+//! recovery starts before them, at the redo point. A checkpoint spread over minutes of writes
+//! (any checkpoint that is not `CHECKPOINT`) leaves many segments between the two; unless the
+//! source still has them, or an archive does, the rewound standby then waits for WAL nobody has.
+//!
+//! So the agent hard-links the target's segments into a folder beside the data directory before
+//! pg_rewind runs ([`WalAside::keep`]), and afterwards links back those the rewind removed that
+//! end before the fork ([`WalAside::restore`]). Recovery reads them as it would have read the
+//! source's copies. The new primary need not keep WAL from before the fork for the returning
+//! node: only from the fork on, which its replication slots hold (see `failover.rs`).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+
+/// A WAL segment's file name: 24 hex digits (timeline, then the segment's log and number).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Segment {
+    timeline: u32,
+    /// The segment's first LSN, given its size.
+    start_lsn: u64,
+}
+
+impl Segment {
+    fn parse(name: &str, segment_bytes: u64) -> Option<Segment> {
+        if name.len() != 24 || !name.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        let timeline = u32::from_str_radix(&name[0..8], 16).ok()?;
+        let log = u64::from_str_radix(&name[8..16], 16).ok()?;
+        let number = u64::from_str_radix(&name[16..24], 16).ok()?;
+        Some(Segment {
+            timeline,
+            start_lsn: (log << 32) + number * segment_bytes,
+        })
+    }
+}
+
+/// Where two histories part, as pg_rewind reports it: "servers diverged at WAL location
+/// 0/3696FEE0 on timeline 1".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fork {
+    pub lsn: u64,
+    pub timeline: u32,
+}
+
+impl Fork {
+    /// The fork named in pg_rewind's output; None when it found nothing to rewind.
+    pub fn from_rewind_output(output: &str) -> Option<Fork> {
+        let rest = output.split("diverged at WAL location ").nth(1)?;
+        let mut words = rest.split_whitespace();
+        let lsn = raftmgr_raft::summary::parse_lsn(words.next()?)?;
+        if words.next()? != "on" || words.next()? != "timeline" {
+            return None;
+        }
+        let timeline = words.next()?.trim_end_matches(['.', ',']).parse().ok()?;
+        Some(Fork { lsn, timeline })
+    }
+}
+
+/// Hard links to the segments of a pg_wal, in a folder of their own.
+pub struct WalAside {
+    wal: PathBuf,
+    aside: PathBuf,
+}
+
+impl WalAside {
+    /// Links every segment of `wal` into `aside` (created if missing; links already there from
+    /// an interrupted rewind are kept, since they may be the only ones left). Hard links cost
+    /// no copy, but need one filesystem: when a link fails, that is said once, and the rewind
+    /// relies on the source's WAL as before.
+    pub fn keep(wal: &Path, aside: &Path) -> anyhow::Result<WalAside> {
+        std::fs::create_dir_all(aside).with_context(|| format!("creating {}", aside.display()))?;
+        for (name, path) in segments(wal)? {
+            let link = aside.join(&name);
+            if link.exists() {
+                continue;
+            }
+            if let Err(e) = std::fs::hard_link(&path, &link) {
+                tracing::warn!(
+                    "could not keep {} aside in {} ({e}): a rewind will need the WAL before the \
+                     fork from the source or the archive",
+                    path.display(),
+                    aside.display()
+                );
+                break;
+            }
+        }
+        Ok(WalAside {
+            wal: wal.to_path_buf(),
+            aside: aside.to_path_buf(),
+        })
+    }
+
+    /// Links back into pg_wal the kept segments it no longer has that end at or before `fork`
+    /// (on its timeline or an earlier one), or every one it no longer has when `fork` is None
+    /// (pg_rewind failed half-way, and a retry needs what it removed). Returns their names.
+    pub fn restore(&self, fork: Option<Fork>) -> anyhow::Result<Vec<String>> {
+        let mut restored = Vec::new();
+        for (name, path) in segments(&self.aside)? {
+            let target = self.wal.join(&name);
+            if target.exists() {
+                continue;
+            }
+            let wanted = match fork {
+                None => true,
+                Some(fork) => {
+                    let bytes = std::fs::metadata(&path)?.len();
+                    Segment::parse(&name, bytes).is_some_and(|s| {
+                        s.timeline <= fork.timeline && s.start_lsn + bytes <= fork.lsn
+                    })
+                }
+            };
+            if wanted {
+                std::fs::hard_link(&path, &target)
+                    .with_context(|| format!("linking {} back", target.display()))?;
+                restored.push(name);
+            }
+        }
+        restored.sort();
+        Ok(restored)
+    }
+
+    /// Removes the folder of links (the segments live on in pg_wal where they are still linked).
+    pub fn remove(self) -> anyhow::Result<()> {
+        std::fs::remove_dir_all(&self.aside)
+            .with_context(|| format!("removing {}", self.aside.display()))
+    }
+}
+
+/// The segment files of a folder (names of 24 hex digits), by name.
+fn segments(dir: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.len() == 24
+            && name.bytes().all(|b| b.is_ascii_hexdigit())
+            && entry.file_type()?.is_file()
+        {
+            found.push((name, entry.path()));
+        }
+    }
+    Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB_16: u64 = 16 << 20;
+
+    #[test]
+    fn the_fork_is_read_from_pg_rewinds_output() {
+        let output = "pg_rewind: fetched file \"pg_wal/00000002.history\", length 42\n\
+                      pg_rewind: servers diverged at WAL location 1/57B19050 on timeline 3\n\
+                      pg_rewind: rewinding from last common checkpoint at 0/4F4049B0 on timeline 3\n";
+        assert_eq!(
+            Fork::from_rewind_output(output),
+            Some(Fork {
+                lsn: 0x1_57B1_9050,
+                timeline: 3
+            })
+        );
+        assert_eq!(
+            Fork::from_rewind_output("pg_rewind: no rewind required\n"),
+            None
+        );
+        assert_eq!(
+            Fork::from_rewind_output("servers diverged at WAL location nonsense on timeline 1"),
+            None
+        );
+    }
+
+    #[test]
+    fn segment_names_give_their_timeline_and_first_lsn() {
+        assert_eq!(
+            Segment::parse("000000020000000100000057", MIB_16),
+            Some(Segment {
+                timeline: 2,
+                start_lsn: 0x1_5700_0000
+            })
+        );
+        // 64 MiB segments: number 3 of log 0 starts at 192 MiB.
+        assert_eq!(
+            Segment::parse("000000010000000000000003", 64 << 20).map(|s| s.start_lsn),
+            Some(0x0C00_0000)
+        );
+        assert_eq!(Segment::parse("00000002.history", MIB_16), None);
+        assert_eq!(Segment::parse("00000001000000000000004Z", MIB_16), None);
+    }
+
+    /// Files named like segments, 16 MiB long but sparse.
+    fn segment_files(dir: &Path, names: &[&str]) {
+        for name in names {
+            let file = std::fs::File::create(dir.join(name)).unwrap();
+            file.set_len(MIB_16).unwrap();
+        }
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = segments(dir).unwrap().into_iter().map(|(n, _)| n).collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn after_a_rewind_only_removed_segments_before_the_fork_come_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (wal, aside) = (dir.path().join("pg_wal"), dir.path().join("aside"));
+        std::fs::create_dir(&wal).unwrap();
+        segment_files(
+            &wal,
+            &[
+                "000000010000000000000046", // before the last common checkpoint's record
+                "000000010000000000000047",
+                "00000001000000000000004F", // pg_rewind keeps these itself
+                "000000010000000000000057", // holds the fork: the source's copy wins
+                "000000010000000000000058", // the old primary's own history after the fork
+            ],
+        );
+        std::fs::write(wal.join("00000001.history"), "not a segment").unwrap();
+        let kept = WalAside::keep(&wal, &aside).unwrap();
+        assert_eq!(names(&aside).len(), 5);
+
+        // What pg_rewind leaves: its own keeps, and the source's files.
+        for name in [
+            "000000010000000000000046",
+            "000000010000000000000047",
+            "000000010000000000000058",
+        ] {
+            std::fs::remove_file(wal.join(name)).unwrap();
+        }
+        std::fs::remove_file(wal.join("000000010000000000000057")).unwrap();
+        segment_files(
+            &wal,
+            &["000000010000000000000057", "000000020000000000000057"],
+        );
+
+        let fork = Fork {
+            lsn: 0x57B1_9050,
+            timeline: 1,
+        };
+        let restored = kept.restore(Some(fork)).unwrap();
+        assert_eq!(
+            restored,
+            ["000000010000000000000046", "000000010000000000000047"]
+        );
+        assert_eq!(
+            names(&wal),
+            [
+                "000000010000000000000046",
+                "000000010000000000000047",
+                "00000001000000000000004F",
+                "000000010000000000000057",
+                "000000020000000000000057",
+            ]
+        );
+        kept.remove().unwrap();
+        assert!(!aside.exists());
+        assert_eq!(
+            names(&wal).len(),
+            5,
+            "the links in pg_wal outlive the folder"
+        );
+    }
+
+    #[test]
+    fn after_a_failed_rewind_every_removed_segment_comes_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (wal, aside) = (dir.path().join("pg_wal"), dir.path().join("aside"));
+        std::fs::create_dir(&wal).unwrap();
+        segment_files(
+            &wal,
+            &["000000010000000000000046", "000000010000000000000058"],
+        );
+        let kept = WalAside::keep(&wal, &aside).unwrap();
+        std::fs::remove_file(wal.join("000000010000000000000058")).unwrap();
+        assert_eq!(kept.restore(None).unwrap(), ["000000010000000000000058"]);
+        kept.remove().unwrap();
+        assert_eq!(names(&wal).len(), 2);
+    }
+
+    #[test]
+    fn links_left_by_an_interrupted_rewind_are_kept_for_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let (wal, aside) = (dir.path().join("pg_wal"), dir.path().join("aside"));
+        std::fs::create_dir(&wal).unwrap();
+        segment_files(&wal, &["000000010000000000000046"]);
+        let first = WalAside::keep(&wal, &aside).unwrap();
+        // The agent stops after pg_rewind removed the segment, before it linked it back.
+        std::fs::remove_file(wal.join("000000010000000000000046")).unwrap();
+        drop(first);
+        let second = WalAside::keep(&wal, &aside).unwrap();
+        let fork = Fork {
+            lsn: 0x5700_0000,
+            timeline: 1,
+        };
+        assert_eq!(
+            second.restore(Some(fork)).unwrap(),
+            ["000000010000000000000046"]
+        );
+        second.remove().unwrap();
+    }
+}
