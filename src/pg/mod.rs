@@ -409,14 +409,17 @@ impl Pg {
             String::from_utf8_lossy(&out.stderr)
         );
         let rewound = check("pg_rewind", &out);
-        let fork = match rewound {
-            Ok(()) => wal::Fork::from_rewind_output(&output),
+        let needed = match rewound {
+            Ok(()) => {
+                let label = std::fs::read_to_string(self.data_dir().join("backup_label"));
+                wal::Needed::after_rewind(&output, &label.unwrap_or_default())
+            }
             Err(_) => None,
         };
         // After a failure every removed segment comes back, for the retry; when pg_rewind found
         // nothing to rewind, it removed nothing.
-        if rewound.is_err() || fork.is_some() {
-            let restored = kept.restore(fork)?;
+        if rewound.is_err() || needed.is_some() {
+            let restored = kept.restore(needed)?;
             if let (Some(first), Some(last)) = (restored.first(), restored.last()) {
                 output += &format!(
                     "raftmgr: linked back {} segments of its own WAL from before the fork \

@@ -10,7 +10,7 @@
 //!
 //! So the agent hard-links the target's segments into a folder beside the data directory before
 //! pg_rewind runs ([`WalAside::keep`]), and afterwards links back those the rewind removed that
-//! end before the fork ([`WalAside::restore`]). Recovery reads them as it would have read the
+//! hold WAL from that redo point to the fork ([`WalAside::restore`]). Recovery reads them as it would have read the
 //! source's copies. The new primary need not keep WAL from before the fork for the returning
 //! node: only from the fork on, which its replication slots hold (see `failover.rs`).
 
@@ -41,25 +41,43 @@ impl Segment {
     }
 }
 
-/// Where two histories part, as pg_rewind reports it: "servers diverged at WAL location
-/// 0/3696FEE0 on timeline 1".
+/// The WAL a rewound target replays from its own history: from the redo point of the last
+/// checkpoint both servers share (the `backup_label` pg_rewind writes) to the fork (pg_rewind's
+/// "servers diverged at WAL location 0/3696FEE0 on timeline 1").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Fork {
-    pub lsn: u64,
+pub struct Needed {
+    pub redo_lsn: u64,
+    pub fork_lsn: u64,
     pub timeline: u32,
 }
 
-impl Fork {
-    /// The fork named in pg_rewind's output; None when it found nothing to rewind.
-    pub fn from_rewind_output(output: &str) -> Option<Fork> {
+impl Needed {
+    /// None when pg_rewind found nothing to rewind (or said it in words not understood here).
+    /// Without a readable redo point, everything before the fork is needed.
+    pub fn after_rewind(output: &str, backup_label: &str) -> Option<Needed> {
         let rest = output.split("diverged at WAL location ").nth(1)?;
         let mut words = rest.split_whitespace();
-        let lsn = raftmgr_raft::summary::parse_lsn(words.next()?)?;
+        let fork_lsn = raftmgr_raft::summary::parse_lsn(words.next()?)?;
         if words.next()? != "on" || words.next()? != "timeline" {
             return None;
         }
         let timeline = words.next()?.trim_end_matches(['.', ',']).parse().ok()?;
-        Some(Fork { lsn, timeline })
+        let redo_lsn = backup_label
+            .lines()
+            .find_map(|l| l.strip_prefix("START WAL LOCATION: "))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(raftmgr_raft::summary::parse_lsn)
+            .unwrap_or(0);
+        Some(Needed {
+            redo_lsn,
+            fork_lsn,
+            timeline,
+        })
+    }
+
+    fn includes(&self, segment: Segment, segment_bytes: u64) -> bool {
+        let end_lsn = segment.start_lsn + segment_bytes;
+        segment.timeline <= self.timeline && end_lsn > self.redo_lsn && end_lsn <= self.fork_lsn
     }
 }
 
@@ -97,23 +115,21 @@ impl WalAside {
         })
     }
 
-    /// Links back into pg_wal the kept segments it no longer has that end at or before `fork`
-    /// (on its timeline or an earlier one), or every one it no longer has when `fork` is None
-    /// (pg_rewind failed half-way, and a retry needs what it removed). Returns their names.
-    pub fn restore(&self, fork: Option<Fork>) -> anyhow::Result<Vec<String>> {
+    /// Links back into pg_wal the kept segments it no longer has that hold `needed` WAL (on
+    /// the fork's timeline or an earlier one), or every one it no longer has when `needed` is
+    /// None (pg_rewind failed half-way, and a retry needs what it removed). Returns their names.
+    pub fn restore(&self, needed: Option<Needed>) -> anyhow::Result<Vec<String>> {
         let mut restored = Vec::new();
         for (name, path) in segments(&self.aside)? {
             let target = self.wal.join(&name);
             if target.exists() {
                 continue;
             }
-            let wanted = match fork {
+            let wanted = match needed {
                 None => true,
-                Some(fork) => {
+                Some(needed) => {
                     let bytes = std::fs::metadata(&path)?.len();
-                    Segment::parse(&name, bytes).is_some_and(|s| {
-                        s.timeline <= fork.timeline && s.start_lsn + bytes <= fork.lsn
-                    })
+                    Segment::parse(&name, bytes).is_some_and(|s| needed.includes(s, bytes))
                 }
             };
             if wanted {
@@ -155,24 +171,37 @@ mod tests {
 
     const MIB_16: u64 = 16 << 20;
 
+    const BACKUP_LABEL: &str = "START WAL LOCATION: 0/47589D88 (file 000000010000000000000047)\n\
+                                CHECKPOINT LOCATION: 0/4F4049B0\n\
+                                BACKUP METHOD: pg_rewind\n";
+
     #[test]
-    fn the_fork_is_read_from_pg_rewinds_output() {
+    fn the_wal_needed_is_read_from_pg_rewinds_output_and_backup_label() {
         let output = "pg_rewind: fetched file \"pg_wal/00000002.history\", length 42\n\
                       pg_rewind: servers diverged at WAL location 1/57B19050 on timeline 3\n\
                       pg_rewind: rewinding from last common checkpoint at 0/4F4049B0 on timeline 3\n";
         assert_eq!(
-            Fork::from_rewind_output(output),
-            Some(Fork {
-                lsn: 0x1_57B1_9050,
+            Needed::after_rewind(output, BACKUP_LABEL),
+            Some(Needed {
+                redo_lsn: 0x4758_9D88,
+                fork_lsn: 0x1_57B1_9050,
                 timeline: 3
             })
         );
         assert_eq!(
-            Fork::from_rewind_output("pg_rewind: no rewind required\n"),
+            Needed::after_rewind(output, "").map(|n| n.redo_lsn),
+            Some(0),
+            "without a backup label, everything before the fork"
+        );
+        assert_eq!(
+            Needed::after_rewind("pg_rewind: no rewind required\n", BACKUP_LABEL),
             None
         );
         assert_eq!(
-            Fork::from_rewind_output("servers diverged at WAL location nonsense on timeline 1"),
+            Needed::after_rewind(
+                "servers diverged at WAL location nonsense on timeline 1",
+                BACKUP_LABEL
+            ),
             None
         );
     }
@@ -210,15 +239,16 @@ mod tests {
     }
 
     #[test]
-    fn after_a_rewind_only_removed_segments_before_the_fork_come_back() {
+    fn after_a_rewind_the_removed_segments_from_the_redo_point_to_the_fork_come_back() {
         let dir = tempfile::tempdir().unwrap();
         let (wal, aside) = (dir.path().join("pg_wal"), dir.path().join("aside"));
         std::fs::create_dir(&wal).unwrap();
         segment_files(
             &wal,
             &[
-                "000000010000000000000046", // before the last common checkpoint's record
-                "000000010000000000000047",
+                "000000010000000000000046", // before the last common checkpoint's redo point
+                "000000010000000000000047", // holds that redo point
+                "000000010000000000000048",
                 "00000001000000000000004F", // pg_rewind keeps these itself
                 "000000010000000000000057", // holds the fork: the source's copy wins
                 "000000010000000000000058", // the old primary's own history after the fork
@@ -226,12 +256,13 @@ mod tests {
         );
         std::fs::write(wal.join("00000001.history"), "not a segment").unwrap();
         let kept = WalAside::keep(&wal, &aside).unwrap();
-        assert_eq!(names(&aside).len(), 5);
+        assert_eq!(names(&aside).len(), 6);
 
         // What pg_rewind leaves: its own keeps, and the source's files.
         for name in [
             "000000010000000000000046",
             "000000010000000000000047",
+            "000000010000000000000048",
             "000000010000000000000058",
         ] {
             std::fs::remove_file(wal.join(name)).unwrap();
@@ -242,20 +273,21 @@ mod tests {
             &["000000010000000000000057", "000000020000000000000057"],
         );
 
-        let fork = Fork {
-            lsn: 0x57B1_9050,
+        let needed = Needed {
+            redo_lsn: 0x4758_9D88,
+            fork_lsn: 0x57B1_9050,
             timeline: 1,
         };
-        let restored = kept.restore(Some(fork)).unwrap();
+        let restored = kept.restore(Some(needed)).unwrap();
         assert_eq!(
             restored,
-            ["000000010000000000000046", "000000010000000000000047"]
+            ["000000010000000000000047", "000000010000000000000048"]
         );
         assert_eq!(
             names(&wal),
             [
-                "000000010000000000000046",
                 "000000010000000000000047",
+                "000000010000000000000048",
                 "00000001000000000000004F",
                 "000000010000000000000057",
                 "000000020000000000000057",
@@ -297,12 +329,13 @@ mod tests {
         std::fs::remove_file(wal.join("000000010000000000000046")).unwrap();
         drop(first);
         let second = WalAside::keep(&wal, &aside).unwrap();
-        let fork = Fork {
-            lsn: 0x5700_0000,
+        let needed = Needed {
+            redo_lsn: 0x4600_0028,
+            fork_lsn: 0x5700_0000,
             timeline: 1,
         };
         assert_eq!(
-            second.restore(Some(fork)).unwrap(),
+            second.restore(Some(needed)).unwrap(),
             ["000000010000000000000046"]
         );
         second.remove().unwrap();
