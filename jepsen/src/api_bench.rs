@@ -44,6 +44,11 @@ pub struct BenchApiArgs {
     /// The nice value wrk runs at (0: the same priority as the cluster).
     #[arg(long, default_value_t = 0)]
     pub wrk_nice: i32,
+    /// Instead of wrk on every agent, run this many busy loops (at `--wrk-nice`) during the
+    /// loaded failover: CPU taken from the cluster without one API request, which tells what
+    /// serving the API costs a failover from what sharing the CPU costs it.
+    #[arg(long, default_value_t = 0)]
+    pub cpu_hogs: usize,
     /// A `key = value` line for every agent's `[api]` section, e.g. `--api-setting
     /// 'max_requests_per_s = 10000'` (repeatable).
     #[arg(long = "api-setting")]
@@ -106,6 +111,7 @@ pub async fn bench_api(args: BenchApiArgs) -> anyhow::Result<()> {
         "failover_loaded_ms": stat(|r| r.failover_loaded_ms),
         "loaded_requests_per_s": stat(|r| r.loaded_requests_per_s),
         "wrk_nice": args.wrk_nice,
+        "cpu_hogs": args.cpu_hogs,
         "targets": {
             "primary_requests_per_s": TARGET_PRIMARY_REQUESTS_PER_S,
             "primary_p99_ms": TARGET_PRIMARY_P99_MS,
@@ -141,7 +147,9 @@ async fn one_run(binary: &std::path::Path, args: &BenchApiArgs) -> anyhow::Resul
         .wait_streaming(new_primary, &old, Duration::from_secs(60))
         .await
         .context("the old primary rejoining")?;
-    let loads: Vec<_> = ids
+    let hogs = CpuHogs::start(args.cpu_hogs, args.wrk_nice)?;
+    let wrk_on: &[NodeId] = if args.cpu_hogs > 0 { &[] } else { &ids };
+    let loads: Vec<_> = wrk_on
         .iter()
         .map(|id| {
             let url = url(*id, "/primary");
@@ -152,6 +160,7 @@ async fn one_run(binary: &std::path::Path, args: &BenchApiArgs) -> anyhow::Resul
     // Let the load settle before the fault.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let failover_loaded_ms = failover(&cluster, new_primary).await?;
+    drop(hogs);
     let mut loaded_requests_per_s = 0.0;
     for load in loads {
         loaded_requests_per_s += load.await??.requests_per_s;
@@ -163,6 +172,33 @@ async fn one_run(binary: &std::path::Path, args: &BenchApiArgs) -> anyhow::Resul
         failover_loaded_ms,
         loaded_requests_per_s,
     })
+}
+
+/// Busy-loop processes, killed by pid when dropped.
+struct CpuHogs(Vec<std::process::Child>);
+
+impl CpuHogs {
+    fn start(count: usize, nice: i32) -> anyhow::Result<CpuHogs> {
+        let mut hogs = CpuHogs(Vec::new());
+        for _ in 0..count {
+            let child = std::process::Command::new("nice")
+                .args(["-n", &nice.to_string(), "sh", "-c", "while :; do :; done"])
+                .stdin(Stdio::null())
+                .spawn()
+                .context("starting a busy loop")?;
+            hogs.0.push(child);
+        }
+        Ok(hogs)
+    }
+}
+
+impl Drop for CpuHogs {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 async fn primary_of(cluster: &LocalCluster) -> anyhow::Result<NodeId> {
