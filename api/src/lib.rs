@@ -1076,17 +1076,15 @@ fn check(api: &Api) -> (CheckAnswer, bool) {
         .as_ref()
         .map(|l| l.read().expect("local status lock").clone())
         .unwrap_or_default();
-    // Read in place: these checks are polled by every load balancer, and a copy of the state
-    // (with its recent events) per request cost most of their time.
+    // Read in place, and as little as possible: these checks are polled by every load
+    // balancer, and while this low-priority thread holds the state's read lock, Raft cannot
+    // apply an entry; preempted inside it, the thread holds up the failover. (A copy of the
+    // state per request cost most of their time; summarizing every node under the lock made a
+    // failover under wrk take 480 ms instead of 285, BENCHMARKS.md, Dec 1.)
     let (named_primary, generation, lag_bytes) = api.store.with(|state| {
         let named =
             state.primary == Some(api.node_id) && !state.primary_resigned && state.primary_ready;
-        let lag = state
-            .node_summaries()
-            .into_iter()
-            .find(|s| s.id == api.node_id)
-            .and_then(|s| s.lag_bytes);
-        (named, state.generation, lag)
+        (named, state.generation, state.lag_bytes_of(api.node_id))
     });
     let writable = local.running && local.in_recovery == Some(false);
     let is_primary = named_primary && writable && local.lease_held;

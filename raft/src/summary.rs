@@ -122,6 +122,12 @@ impl ClusterState {
         }
     }
 
+    /// How far node `id` replays behind its upstream, in bytes, as the upstream measured it.
+    pub fn lag_bytes_of(&self, id: NodeId) -> Option<u64> {
+        let name = &self.nodes.get(&id)?.registration.name;
+        self.upstream_of(name).1
+    }
+
     /// The node whose own observation lists `name` among its replicas, with the lag it measured.
     fn upstream_of(&self, name: &str) -> (Option<String>, Option<u64>, Option<u64>) {
         for node in self.nodes.values() {
@@ -215,6 +221,13 @@ mod tests {
         assert_eq!(rows[1].status, "streaming");
         assert_eq!(rows[1].upstream.as_deref(), Some("node1"));
         assert_eq!((rows[1].lag_bytes, rows[1].lag_ms), (Some(1000), Some(3)));
+        assert_eq!(
+            state.lag_bytes_of(2),
+            Some(1000),
+            "what the checks read alone"
+        );
+        assert_eq!(state.lag_bytes_of(1), None, "the primary follows no one");
+        assert_eq!(state.lag_bytes_of(9), None, "no such node");
         assert_eq!(rows[2].status, "unknown", "one observer is not a majority");
 
         observe(&mut state, seen(1, 3, false));
