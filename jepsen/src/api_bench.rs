@@ -44,6 +44,9 @@ pub struct BenchApiArgs {
     /// The nice value wrk runs at (0: the same priority as the cluster).
     #[arg(long, default_value_t = 0)]
     pub wrk_nice: i32,
+    /// What wrk asks every agent during the loaded failover.
+    #[arg(long, default_value = "/primary")]
+    pub load_path: String,
     /// Instead of wrk on every agent, run this many busy loops (at `--wrk-nice`) during the
     /// loaded failover: CPU taken from the cluster without one API request, which tells what
     /// serving the API costs a failover from what sharing the CPU costs it.
@@ -112,6 +115,7 @@ pub async fn bench_api(args: BenchApiArgs) -> anyhow::Result<()> {
         "loaded_requests_per_s": stat(|r| r.loaded_requests_per_s),
         "wrk_nice": args.wrk_nice,
         "cpu_hogs": args.cpu_hogs,
+        "load_path": args.load_path,
         "targets": {
             "primary_requests_per_s": TARGET_PRIMARY_REQUESTS_PER_S,
             "primary_p99_ms": TARGET_PRIMARY_P99_MS,
@@ -152,7 +156,7 @@ async fn one_run(binary: &std::path::Path, args: &BenchApiArgs) -> anyhow::Resul
     let loads: Vec<_> = wrk_on
         .iter()
         .map(|id| {
-            let url = url(*id, "/primary");
+            let url = url(*id, &args.load_path);
             let args = args.clone();
             tokio::spawn(async move { wrk(&url, &args, seconds + 5).await })
         })
