@@ -781,6 +781,16 @@ fn validate_postgres(pg: &PostgresSection) -> Result<(), (&'static str, String)>
             return Err((key, format!("({value}) must be at least 50")));
         }
     }
+    if pg.max_slot_wal_keep_size_mb > i32::MAX as u64 {
+        return Err((
+            "postgres.max_slot_wal_keep_size_mb",
+            format!(
+                "({}) is more than PostgreSQL takes ({}); 0 means no limit",
+                pg.max_slot_wal_keep_size_mb,
+                i32::MAX
+            ),
+        ));
+    }
     if pg.health_summary_interval_ms < pg.probe_interval_ms {
         return Err((
             "postgres.health_summary_interval_ms",
@@ -958,6 +968,14 @@ replication_password = "secret-password"
         assert!(e.contains("postgres.restore_command"), "{e}");
         let e = error_of(&format!("{GOOD}{PG}archive_command = \"true\"\n"));
         assert!(e.contains("postgres.archive_command"), "{e}");
+        assert_eq!(pg.max_slot_wal_keep_size_mb, 4096);
+        let e = error_of(&format!(
+            "{GOOD}{PG}max_slot_wal_keep_size_mb = 4294967296\n"
+        ));
+        assert!(
+            e.contains("postgres.max_slot_wal_keep_size_mb: (4294967296) is more than"),
+            "{e}"
+        );
     }
 
     #[test]
