@@ -256,10 +256,11 @@ async fn a_crashed_primary_is_rewound_from_its_own_wal_before_a_spread_checkpoin
         sql(&cluster, 1, statement).await.unwrap();
     }
     // Dirty pages to write and segments switched while they are written: WAL volume starts
-    // checkpoints, which run while the loop goes on.
+    // checkpoints, which run while the loop goes on. Each round waits until the standbys have
+    // replayed everything, so the fork comes after the checkpoint it finds.
     let checkpoint =
         "SELECT redo_wal_file, pg_walfile_name(checkpoint_lsn) FROM pg_control_checkpoint()";
-    let (redo, record) = wait::until(
+    wait::until(
         "a checkpoint whose record lies segments after its redo point",
         Duration::from_secs(60),
         || async {
@@ -271,13 +272,14 @@ async fn a_crashed_primary_is_rewound_from_its_own_wal_before_a_spread_checkpoin
                     .await
                     .map_err(|e| e.to_string())?;
             }
+            wait_replayed(&cluster, 1, &[2, 3]).await;
             let row = sql(&cluster, 1, checkpoint)
                 .await
                 .map_err(|e| e.to_string())?;
             let (redo, record): (String, String) = (row[0].get(0), row[0].get(1));
             // Segment names sort in WAL order within a timeline.
             if redo[8..] < record[8..] {
-                Ok((redo, record))
+                Ok(())
             } else {
                 Err(format!("redo point and record both in {record}"))
             }
@@ -285,37 +287,17 @@ async fn a_crashed_primary_is_rewound_from_its_own_wal_before_a_spread_checkpoin
     )
     .await
     .unwrap();
-    let end: String = sql(&cluster, 1, "SELECT pg_current_wal_lsn()::text")
-        .await
-        .unwrap()[0]
-        .get(0);
-    for id in [2, 3] {
-        let replayed = format!("SELECT pg_last_wal_replay_lsn() >= '{end}'");
-        wait::until(
-            &format!("node {id} to replay up to {end}"),
-            TIMEOUT,
-            || async {
-                let row = sql(&cluster, id, &replayed)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                row[0]
-                    .get::<_, bool>(0)
-                    .then_some(())
-                    .ok_or("behind".to_string())
-            },
-        )
-        .await
-        .unwrap();
-    }
-    let row = sql(&cluster, 1, checkpoint).await.unwrap();
-    assert_eq!(
-        (row[0].get::<_, String>(0), row[0].get::<_, String>(1)),
-        (redo.clone(), record),
-        "no later checkpoint completed meanwhile"
-    );
 
     cluster.kill(1).unwrap();
     cluster.kill_postmaster(1).unwrap();
+    // A checkpoint still running may have completed since the query: the control file says
+    // which one the crash left.
+    let segment = |key| lsn(&controldata_value(&cluster, 1, key)) / WAL_SEGMENT_BYTES;
+    assert!(
+        segment("Latest checkpoint's REDO location") < segment("Latest checkpoint location"),
+        "the crash left a checkpoint whose record lies segments after its redo point"
+    );
+    let redo = controldata_value(&cluster, 1, "Latest checkpoint's REDO WAL file");
     let (new_primary, _) = wait_for_new_primary(&cluster, 2, 1).await;
     wait_checkpoint_on_new_timeline(&cluster, new_primary).await;
     let kept: i64 = sql(
@@ -856,6 +838,40 @@ async fn a_former_primary_whose_wal_is_gone_is_rewound_from_the_archive() {
     // Its divergent rows are gone; the new primary's history is its own.
     wait_rows(&cluster, 1, 100).await;
 }
+
+/// Waits until `standbys` have replayed all the WAL `primary` has written so far.
+async fn wait_replayed(cluster: &LocalCluster, primary: NodeId, standbys: &[NodeId]) {
+    let end: String = sql(cluster, primary, "SELECT pg_current_wal_lsn()::text")
+        .await
+        .unwrap()[0]
+        .get(0);
+    let replayed = format!("SELECT pg_last_wal_replay_lsn() >= '{end}'");
+    for &id in standbys {
+        wait::until(
+            &format!("node {id} to replay up to {end}"),
+            TIMEOUT,
+            || async {
+                let row = sql(cluster, id, &replayed)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                row[0]
+                    .get::<_, bool>(0)
+                    .then_some(())
+                    .ok_or("behind".to_string())
+            },
+        )
+        .await
+        .unwrap();
+    }
+}
+
+/// A WAL position in PostgreSQL's `X/Y` notation, as a byte offset.
+fn lsn(text: &str) -> u64 {
+    raftmgr_raft::summary::parse_lsn(text).unwrap_or_else(|| panic!("not an LSN: {text:?}"))
+}
+
+/// The lab's clusters are initialized with PostgreSQL's default WAL segment size.
+const WAL_SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
 
 fn controldata_value(cluster: &LocalCluster, id: NodeId, key: &str) -> String {
     let out = raftmgr_jepsen::cluster::pg_command("pg_controldata")
