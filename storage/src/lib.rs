@@ -96,7 +96,7 @@ pub struct Opened {
 }
 
 /// What the store held when it was opened, before any peer was contacted.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AtOpen {
     pub last_log_index: Option<u64>,
     pub snapshot_index: Option<u64>,
@@ -420,6 +420,21 @@ impl StoreView {
         self.machine.read().expect("state lock").state.clone()
     }
 
+    /// The index of the last log entry applied to the state: the state changes only with it.
+    pub fn last_applied_index(&self) -> Option<u64> {
+        let machine = self.machine.read().expect("state lock");
+        machine.last_applied.map(|id| id.index)
+    }
+
+    /// A copy of the applied state, with the index of the last log entry applied to it.
+    pub fn applied_state(&self) -> (Option<u64>, ClusterState) {
+        let machine = self.machine.read().expect("state lock");
+        (
+            machine.last_applied.map(|id| id.index),
+            machine.state.clone(),
+        )
+    }
+
     /// Runs `f` on the applied state without copying it.
     pub fn with<T>(&self, f: impl FnOnce(&ClusterState) -> T) -> T {
         f(&self.machine.read().expect("state lock").state)
@@ -429,9 +444,16 @@ impl StoreView {
         &self.stats
     }
 
-    /// How many entries the log holds on disk, after purging.
+    /// How many entries the log holds on disk, after purging: from its first key to its last,
+    /// since a Raft log has no gaps (sled's `len` would read every entry).
     pub fn log_entries_on_disk(&self) -> usize {
-        self.logs.len()
+        let index = |entry: sled::Result<Option<(sled::IVec, sled::IVec)>>| {
+            entry.ok().flatten().map(|(key, _)| index_of(&key))
+        };
+        match (index(self.logs.first()), index(self.logs.last())) {
+            (Some(first), Some(last)) => (last - first + 1) as usize,
+            _ => 0,
+        }
     }
 
     pub fn at_open(&self) -> AtOpen {

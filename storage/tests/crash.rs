@@ -110,13 +110,19 @@ fn child_writes_then_crashes() {
     std::process::exit(0);
 }
 
-fn indexes(log: &mut raftmgr_storage::LogStore) -> Vec<u64> {
-    runtime()
+/// Reopens the store after a crash: its log, and the indexes of the entries it holds (which
+/// the API's count of entries on disk agrees with).
+fn reopen(dir: &Path) -> (raftmgr_storage::LogStore, Vec<u64>) {
+    let opened = raftmgr_storage::open(dir).expect("reopens");
+    let mut log = opened.log;
+    let indexes: Vec<u64> = runtime()
         .block_on(log.try_get_log_entries(0..))
         .expect("entries read")
         .iter()
         .map(|e| e.log_id.index)
-        .collect()
+        .collect();
+    assert_eq!(opened.view.log_entries_on_disk(), indexes.len());
+    (log, indexes)
 }
 
 #[test]
@@ -124,25 +130,22 @@ fn votes_appends_truncations_and_purges_survive_a_crash() {
     let dir = tempfile::tempdir().expect("a temporary directory");
 
     crash_after("append", dir.path());
-    let mut log = raftmgr_storage::open(dir.path()).expect("reopens").log;
+    let (mut log, indexes) = reopen(dir.path());
     let rt = runtime();
     assert_eq!(rt.block_on(log.read_vote()).expect("vote"), Some(vote()));
-    assert_eq!(indexes(&mut log), (1..=ENTRIES).collect::<Vec<_>>());
+    assert_eq!(indexes, (1..=ENTRIES).collect::<Vec<_>>());
     let state = rt.block_on(log.get_log_state()).expect("log state");
     assert_eq!(state.last_log_id, Some(log_id(3, 1, ENTRIES)));
     drop(log);
 
     crash_after("truncate", dir.path());
-    let mut log = raftmgr_storage::open(dir.path()).expect("reopens").log;
-    assert_eq!(indexes(&mut log), (1..TRUNCATE_AT).collect::<Vec<_>>());
+    let (log, indexes) = reopen(dir.path());
+    assert_eq!(indexes, (1..TRUNCATE_AT).collect::<Vec<_>>());
     drop(log);
 
     crash_after("purge", dir.path());
-    let mut log = raftmgr_storage::open(dir.path()).expect("reopens").log;
-    assert_eq!(
-        indexes(&mut log),
-        (PURGE_UPTO + 1..TRUNCATE_AT).collect::<Vec<_>>()
-    );
+    let (mut log, indexes) = reopen(dir.path());
+    assert_eq!(indexes, (PURGE_UPTO + 1..TRUNCATE_AT).collect::<Vec<_>>());
     let state = rt.block_on(log.get_log_state()).expect("log state");
     let purged: Option<LogId> = Some(log_id(3, 1, PURGE_UPTO));
     assert_eq!(state.last_purged_log_id, purged);
