@@ -18,9 +18,10 @@
 //! request (switchover) until the new primary's view shows the old node and the other standby
 //! streaming from it.
 //!
-//! `rewind-vs-reclone` is different (see [`rejoin_bench`]): no writer; about 1 GB of data, a node
-//! crash of the primary, a few MB written on the new primary, then the old primary's agent is
-//! restarted and rejoins by pg_rewind, or (in separate runs, its pg_wal emptied first) by a
+//! `rewind-vs-reclone` is different (see [`rejoin_bench`]): no writer; about 1 GB of data, which
+//! the standbys replay and write to disk (a restartpoint each, unless `--crash-unsettled`), a
+//! node crash of the primary, a few MB written on the new primary, then the old primary's agent
+//! is restarted and rejoins by pg_rewind, or (in separate runs, its pg_wal emptied first) by a
 //! re-clone.
 
 use std::collections::HashSet;
@@ -129,6 +130,13 @@ pub struct BenchFailoverArgs {
     /// each sends to this many Mbit/s, e.g. 1000 for a gigabit LAN [default: loopback, no limit].
     #[arg(long)]
     pub link_mbit: Option<u32>,
+    /// rewind-vs-reclone: crash the primary as soon as the standbys have replayed the load,
+    /// without first letting them write it to disk (a restartpoint, `CHECKPOINT` on each). The
+    /// promoted standby's first checkpoint, which pg_rewind and pg_basebackup both wait for,
+    /// then flushes the whole load: a crash seconds after 1 GB was written, rather than of a
+    /// 1 GB database.
+    #[arg(long)]
+    pub crash_unsettled: bool,
     /// Copy every node's agent log of every run into this folder (`<scenario>-run<N>-node<id>.log`).
     #[arg(long)]
     pub keep_logs: Option<PathBuf>,
@@ -143,6 +151,10 @@ pub struct BenchFailoverArgs {
     /// 'lease_ttl_ms = 800'` (repeatable).
     #[arg(long = "failover-setting")]
     pub failover_settings: Vec<String>,
+    /// A `key = value` line for every agent's `[postgres]` section, e.g. `--postgres-setting
+    /// 'bin_dir = "/opt/pg-wrapped"'` (repeatable).
+    #[arg(long = "postgres-setting")]
+    pub postgres_settings: Vec<String>,
 }
 
 /// Runs the benchmark and prints its results.
@@ -224,12 +236,14 @@ fn settings(args: &BenchFailoverArgs) -> serde_json::Value {
         "runs_per_scenario": args.runs,
         "data_mb": args.data_mb,
         "divergence_mb": args.divergence_mb,
+        "crash_unsettled": args.crash_unsettled,
         "write_interval_ms": millis(WRITE_INTERVAL),
         "statement_timeout_ms": millis(STATEMENT_TIMEOUT),
         "warm_up_ms": millis(WARM_UP),
         "writes_after_promotion_ms": millis(WRITES_AFTER_PROMOTION),
         "kill_node_restart_delay_ms": millis(RESTART_DELAY),
         "raft_settings": args.raft_settings,
+        "postgres_settings": args.postgres_settings,
         "failover_settings": args.failover_settings,
     })
 }
@@ -312,6 +326,7 @@ async fn one_run(
         postgres: true,
         raft_settings: args.raft_settings.clone(),
         failover_settings: args.failover_settings.clone(),
+        postgres_settings: args.postgres_settings.clone(),
         ..Options::default()
     };
     let mut cluster = LocalCluster::start(binary, &options)
@@ -1258,6 +1273,9 @@ pub struct RejoinRun {
     pub checkpoint_ms: f64,
     /// From the checkpoint's end until both standbys had replayed up to the primary's LSN.
     pub standbys_replayed_ms: f64,
+    /// The standbys' restartpoints (`CHECKPOINT` on each, one after the other); `None` with
+    /// `--crash-unsettled`.
+    pub standbys_restartpoint_ms: Option<f64>,
     pub crash_utc: String,
     pub new_primary: NodeId,
     pub promotion_seen_ms: f64,
@@ -1401,6 +1419,7 @@ async fn rejoin_run(
         postgres: true,
         raft_settings: args.raft_settings.clone(),
         failover_settings: args.failover_settings.clone(),
+        postgres_settings: args.postgres_settings.clone(),
         network: args.link_mbit.is_some(),
         ..Options::default()
     };
@@ -1511,6 +1530,18 @@ async fn rejoin_run_on(
         .await?;
     }
     let standbys_replayed_ms = millis(caught_up.elapsed());
+    let mut standbys_restartpoint_ms = None;
+    if !args.crash_unsettled {
+        let restartpoints = Instant::now();
+        for id in &others {
+            PgConn::open(cluster, *id)
+                .await?
+                .execute("CHECKPOINT")
+                .await
+                .with_context(|| format!("a restartpoint on node {id}"))?;
+        }
+        standbys_restartpoint_ms = Some(millis(restartpoints.elapsed()));
+    }
 
     // The node crash.
     let crash_utc = utc(SystemTime::now());
@@ -1625,6 +1656,7 @@ async fn rejoin_run_on(
         load_wal_bytes,
         checkpoint_ms,
         standbys_replayed_ms,
+        standbys_restartpoint_ms,
         crash_utc,
         new_primary: new,
         promotion_seen_ms: millis(promotion.at - crash),
@@ -1699,13 +1731,16 @@ fn print_rejoin_run(run: &RejoinRun) {
         run.promotion_seen_ms
     );
     println!(
-        "  database {:.0} MiB (table {:.0} MiB); load {:.1} s, {:.0} MiB of WAL; checkpoint {:.1} s; standbys replayed {:.1} s later",
+        "  database {:.0} MiB (table {:.0} MiB); load {:.1} s, {:.0} MiB of WAL; checkpoint {:.1} s; standbys replayed {:.1} s later, {}",
         mib(run.database_bytes),
         mib(run.table_bytes),
         run.load_ms / 1000.0,
         mib(run.load_wal_bytes),
         run.checkpoint_ms / 1000.0,
-        run.standbys_replayed_ms / 1000.0
+        run.standbys_replayed_ms / 1000.0,
+        run.standbys_restartpoint_ms.map_or("no restartpoints (--crash-unsettled)".to_string(), |ms| {
+            format!("restartpoints {:.1} s", ms / 1000.0)
+        })
     );
     println!(
         "  divergence: {} rows, table {:.1} MiB, {:.1} MiB of WAL; killed postmaster reaped {}; {} pg_wal files deleted",
