@@ -93,6 +93,7 @@ impl WalAside {
     /// no copy, but need one filesystem: when a link fails, that is said once, and the rewind
     /// relies on the source's WAL as before.
     pub fn keep(wal: &Path, aside: &Path) -> anyhow::Result<WalAside> {
+        remove_garbage(&garbage_dir(aside));
         std::fs::create_dir_all(aside).with_context(|| format!("creating {}", aside.display()))?;
         for (name, path) in segments(wal)? {
             let link = aside.join(&name);
@@ -142,10 +143,39 @@ impl WalAside {
         Ok(restored)
     }
 
-    /// Removes the folder of links (the segments live on in pg_wal where they are still linked).
+    /// Removes the folder of links (the segments live on in pg_wal where they are still linked)
+    /// without making the caller wait. Its links are the last ones of the segments pg_rewind
+    /// removed, and freeing a gigabyte of them takes ext4 about half a second, which the
+    /// standby's start need not wait for: the folder is renamed (so that no later rewind takes
+    /// it for an interrupted one's) and emptied by a thread of its own. A folder left behind
+    /// by an agent stopped meanwhile goes at the next [`WalAside::keep`].
     pub fn remove(self) -> anyhow::Result<()> {
-        std::fs::remove_dir_all(&self.aside)
-            .with_context(|| format!("removing {}", self.aside.display()))
+        let garbage = garbage_dir(&self.aside);
+        if std::fs::rename(&self.aside, &garbage).is_err() {
+            // The last removal is still under way there: this one waits.
+            return std::fs::remove_dir_all(&self.aside)
+                .with_context(|| format!("removing {}", self.aside.display()));
+        }
+        std::thread::Builder::new()
+            .name("wal-aside-removal".into())
+            .spawn(move || remove_garbage(&garbage))
+            .context("starting the removal of the WAL kept aside")?;
+        Ok(())
+    }
+}
+
+/// Where [`WalAside::remove`] moves a folder of links that only waits to be removed.
+fn garbage_dir(aside: &Path) -> PathBuf {
+    let mut dir = aside.as_os_str().to_owned();
+    dir.push(".removing");
+    PathBuf::from(dir)
+}
+
+fn remove_garbage(garbage: &Path) {
+    match std::fs::remove_dir_all(garbage) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!("could not remove {}: {e}", garbage.display()),
     }
 }
 
@@ -300,6 +330,32 @@ mod tests {
             5,
             "the links in pg_wal outlive the folder"
         );
+        let garbage = garbage_dir(&aside);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while garbage.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} is still there 10 s later",
+                garbage.display()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn a_folder_left_to_remove_goes_at_the_next_rewind_and_is_never_restored_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let (wal, aside) = (dir.path().join("pg_wal"), dir.path().join("aside"));
+        std::fs::create_dir(&wal).unwrap();
+        // An agent stopped while it removed the last rewind's links.
+        let garbage = garbage_dir(&aside);
+        std::fs::create_dir(&garbage).unwrap();
+        segment_files(&garbage, &["000000010000000000000040"]);
+
+        let kept = WalAside::keep(&wal, &aside).unwrap();
+        assert!(!garbage.exists());
+        assert_eq!(kept.restore(None).unwrap(), Vec::<String>::new());
+        kept.remove().unwrap();
     }
 
     #[test]
