@@ -300,15 +300,23 @@ async fn a_crashed_primary_is_rewound_from_its_own_wal_before_a_spread_checkpoin
     let redo = controldata_value(&cluster, 1, "Latest checkpoint's REDO WAL file");
     let (new_primary, _) = wait_for_new_primary(&cluster, 2, 1).await;
     wait_checkpoint_on_new_timeline(&cluster, new_primary).await;
-    let kept: i64 = sql(
-        &cluster,
-        new_primary,
-        &format!("SELECT count(*) FROM pg_ls_waldir() WHERE name = '{redo}'"),
+    // The checkpoint names the new timeline in the control file before it removes old segments.
+    let redo_kept = format!("SELECT count(*) FROM pg_ls_waldir() WHERE name = '{redo}'");
+    wait::until(
+        &format!("the new primary to remove {redo}"),
+        TIMEOUT,
+        || async {
+            let row = sql(&cluster, new_primary, &redo_kept)
+                .await
+                .map_err(|e| e.to_string())?;
+            match row[0].get::<_, i64>(0) {
+                0 => Ok(()),
+                _ => Err("still there".to_string()),
+            }
+        },
     )
     .await
-    .unwrap()[0]
-        .get(0);
-    assert_eq!(kept, 0, "the new primary no longer has {redo}");
+    .unwrap();
 
     cluster.start_node(1).unwrap();
     let view = wait_all_follow(&cluster, new_primary).await;

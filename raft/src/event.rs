@@ -152,6 +152,8 @@ pub enum Event {
         method: RejoinMethod,
         reason: String,
     },
+    /// The node runs as a standby again: its PostgreSQL started and is consistent (its WAL
+    /// receiver may still be connecting); `duration_ms` from the start of the rejoin.
     RejoinCompleted {
         node_id: NodeId,
         generation: u64,
