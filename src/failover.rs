@@ -944,7 +944,8 @@ impl Executor {
         let source =
             probe::connect(&self.pg.peer_conninfo(&conninfo, "postgres"), PROBE_TIMEOUT).await?;
         ensure_checkpoint_on_current_timeline(&source).await?;
-        self.ensure_slot(&conninfo).await?;
+        create_slot(&source, &crate::pg::slot_name(&self.name)).await?;
+        drop(source);
         let (pg, upstream) = (self.pg.clone(), conninfo.clone());
         let rewound = blocking(move || {
             pg.stop_if_running()?;
