@@ -29,8 +29,21 @@ fn args(nemesis: &str, time: u64, seed: u64, out: &tempfile::TempDir) -> ChaosAr
     }
 }
 
+/// The checkers' verdicts and, when one failed, the end of every node's log (the run writes
+/// them beside its report, in a folder that goes with the test).
 fn verdicts(report: &RunReport) -> String {
-    serde_json::to_string_pretty(&report.verdicts).unwrap_or_default()
+    let mut text = serde_json::to_string_pretty(&report.verdicts).unwrap_or_default();
+    if !report.passed() {
+        for id in 1..=3 {
+            let log = std::fs::read_to_string(report.out.join(format!("node{id}.log")))
+                .unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(80)..];
+            text += &format!("\n---- node {id} log (last {} lines) ----\n", tail.len());
+            text += &tail.join("\n");
+        }
+    }
+    text
 }
 
 /// Kill, pause and partition faults for a minute in synchronous mode: every checker passes, and
