@@ -262,7 +262,7 @@ async fn a_crashed_primary_is_rewound_from_its_own_wal_before_a_spread_checkpoin
         "SELECT redo_wal_file, pg_walfile_name(checkpoint_lsn) FROM pg_control_checkpoint()";
     wait::until(
         "a checkpoint whose record lies segments after its redo point",
-        Duration::from_secs(60),
+        Duration::from_secs(120),
         || async {
             for statement in [
                 "UPDATE spread SET filler = filler WHERE g % 10 = 0",
@@ -333,6 +333,10 @@ async fn a_crashed_primary_is_rewound_from_its_own_wal_before_a_spread_checkpoin
         kinds(&view)
     );
     let log = std::fs::read_to_string(&cluster.node(1).log).unwrap();
+    assert!(
+        log.contains("crash recovery keeping every WAL segment"),
+        "node 1's agent ran the crash recovery itself, before pg_rewind"
+    );
     assert!(
         log.contains("of its own WAL from before the fork"),
         "node 1's agent linked its own segments back after pg_rewind"

@@ -394,8 +394,8 @@ impl Pg {
         Ok(aside)
     }
 
-    /// `pg_rewind` of this (stopped) data directory from `source_conninfo`. PostgreSQL 13+ runs
-    /// crash recovery first when the target was not shut down cleanly. With a `restore_command`,
+    /// `pg_rewind` of this (stopped) data directory from `source_conninfo`, after crash
+    /// recovery when the target was not shut down cleanly ([`Pg::recover_keeping_wal`]). With a `restore_command`,
     /// WAL missing from the target's pg_wal is fetched from the archive. `--progress` makes its
     /// output (which the agent logs) say how much it copied. The target's own segments from
     /// before the fork, which pg_rewind may remove though recovery needs them, are kept aside
@@ -403,6 +403,7 @@ impl Pg {
     pub fn rewind(&self, source_conninfo: &str) -> anyhow::Result<String> {
         self.remove_stale_lock_files()?;
         let kept = wal::WalAside::keep(&self.data_dir().join("pg_wal"), &self.wal_aside_dir())?;
+        let recovered = self.recover_keeping_wal()?;
         let mut command = self.command("pg_rewind");
         command
             .arg("--progress")
@@ -415,7 +416,7 @@ impl Pg {
         }
         let out = command.output().context("running pg_rewind")?;
         let mut output = format!(
-            "{}{}",
+            "{recovered}{}{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
@@ -441,6 +442,31 @@ impl Pg {
         }
         kept.remove()?;
         rewound.map(|()| output)
+    }
+
+    /// Crash recovery of a primary that was not shut down cleanly, in single-user mode, as
+    /// pg_rewind would run it, but keeping every WAL segment: the recovery's checkpoint would
+    /// otherwise remove those before its redo point, with `wal_keep_size = 0` all of them, and
+    /// pg_rewind, which then reads the target's WAL back from the fork to the last common
+    /// checkpoint, failed with "could not open file" whenever that checkpoint lay in one of
+    /// them (and the node was cloned again instead). Returns its output, for the log.
+    fn recover_keeping_wal(&self) -> anyhow::Result<String> {
+        if self.control_state()? != "in production" {
+            return Ok(String::new());
+        }
+        let out = self
+            .command("postgres")
+            .args(["--single", "-F", "-c", "wal_keep_size=2147483647", "-D"])
+            .arg(self.data_dir())
+            .arg("template1")
+            .output()
+            .context("running postgres --single for crash recovery")?;
+        check("crash recovery (postgres --single)", &out)?;
+        Ok(format!(
+            "raftmgr: crash recovery keeping every WAL segment: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
     }
 
     /// Where [`Pg::rewind`] keeps pg_wal's segments: beside the data directory (pg_rewind
