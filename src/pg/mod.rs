@@ -396,10 +396,10 @@ impl Pg {
 
     /// `pg_rewind` of this (stopped) data directory from `source_conninfo`, after crash
     /// recovery when the target was not shut down cleanly ([`Pg::recover_keeping_wal`]). With a
-    /// `restore_command`, WAL missing from the target's pg_wal is fetched from the archive. `--progress` makes its
-    /// output (which the agent logs) say how much it copied. The target's own segments from
-    /// before the fork, which pg_rewind may remove though recovery needs them, are kept aside
-    /// and linked back (see [`wal`]).
+    /// `restore_command`, WAL missing from the target's pg_wal is fetched from the archive.
+    /// `--progress` makes its output (which the agent logs) say how much it copied. The
+    /// target's own segments from before the fork, which pg_rewind may remove though recovery
+    /// needs them, are kept aside and linked back (see [`wal`]).
     pub fn rewind(&self, source_conninfo: &str) -> anyhow::Result<String> {
         self.remove_stale_lock_files()?;
         let kept = wal::WalAside::keep(&self.data_dir().join("pg_wal"), &self.wal_aside_dir())?;

@@ -10,9 +10,10 @@
 //!
 //! So the agent hard-links the target's segments into a folder beside the data directory before
 //! pg_rewind runs ([`WalAside::keep`]), and afterwards links back those the rewind removed that
-//! hold WAL from that redo point to the fork ([`WalAside::restore`]). Recovery reads them as it would have read the
-//! source's copies. The new primary need not keep WAL from before the fork for the returning
-//! node: only from the fork on, which its replication slots hold (see `failover.rs`).
+//! hold WAL from that redo point to the fork ([`WalAside::restore`]). Recovery reads them as it
+//! would have read the source's copies. The new primary need not keep WAL from before the fork
+//! for the returning node: only from the fork on, which its replication slots hold (see
+//! `failover.rs`).
 
 use std::path::{Path, PathBuf};
 
