@@ -79,6 +79,39 @@ pub struct Node {
     child: Option<Child>,
 }
 
+impl Node {
+    /// The last `lines` lines of this node's agent log, and of its PostgreSQL's newest log file
+    /// (a third as many): what a failing test prints.
+    pub fn log_tails(&self, lines: usize) -> String {
+        let mut text = String::new();
+        let newest_pg_log = std::fs::read_dir(self.pg_data.join("log"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+            .max()
+            .map(|(_, path)| path);
+        let logs = [(self.log.clone(), lines, "agent")]
+            .into_iter()
+            .chain(newest_pg_log.map(|path| (path, lines / 3, "PostgreSQL")));
+        for (path, lines, whose) in logs {
+            let log = std::fs::read_to_string(&path).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(lines).collect();
+            text += &format!(
+                "---- node {} {whose} log {} (last {} lines) ----\n",
+                self.id,
+                path.display(),
+                tail.len()
+            );
+            for line in tail.iter().rev() {
+                text += line;
+                text.push('\n');
+            }
+        }
+        text
+    }
+}
+
 pub struct LocalCluster {
     /// Dropped after the nodes are stopped (fields drop after `Drop::drop`).
     network: Option<crate::netns::LabNetwork>,
@@ -419,6 +452,14 @@ impl LocalCluster {
             Ok(view)
         })
         .await
+        // Where CI's output is cut short, a test's panic message still shows.
+        .map_err(|e| {
+            let tails: Vec<String> = standbys
+                .iter()
+                .map(|id| self.node(*id).log_tails(25))
+                .collect();
+            anyhow::anyhow!("{e:#}\n{}", tails.concat())
+        })
     }
 
     /// A libpq conninfo for node `id`'s PostgreSQL as the superuser, over its Unix socket.
@@ -623,12 +664,7 @@ impl Drop for LocalCluster {
                     .output();
             }
             if panicking {
-                let log = std::fs::read_to_string(&node.log).unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(40).collect();
-                eprintln!("---- node {} log (last {} lines) ----", node.id, tail.len());
-                for line in tail.iter().rev() {
-                    eprintln!("{line}");
-                }
+                eprintln!("{}", node.log_tails(40));
             }
         }
     }

@@ -562,7 +562,10 @@ impl Pg {
             .stderr(Stdio::piped())
             .output()
             .context("running pg_ctl start")?;
-        check("pg_ctl start", &out)
+        check("pg_ctl start", &out).map_err(|e| {
+            let tail = server_log_tail(self.data_dir(), SERVER_LOG_LINES);
+            anyhow::anyhow!("{e:#}; PostgreSQL's log ends: {}", tail.join(" | "))
+        })
     }
 
     /// `pg_ctl stop -m fast|immediate`, then waits until the postmaster is gone. (pg_ctl's own
@@ -694,6 +697,29 @@ fn read_until_any<R: BufRead>(reader: &mut R, out: &mut Vec<u8>) -> std::io::Res
     }
 }
 
+/// How much of PostgreSQL's own log an error about starting it quotes.
+const SERVER_LOG_LINES: usize = 12;
+
+/// The last `lines` lines of the newest file in `<data>/log` (the logging collector's, or
+/// `pg_ctl -l`'s before the collector took over), after its name: why a start failed or hangs
+/// is said there.
+fn server_log_tail(data_dir: &Path, lines: usize) -> Vec<String> {
+    let newest = std::fs::read_dir(data_dir.join("log"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .max();
+    let Some((_, path)) = newest else {
+        return vec![format!("no log file in {}/log", data_dir.display())];
+    };
+    let text = std::fs::read_to_string(&path).unwrap_or_default();
+    let mut tail: Vec<String> = text.lines().rev().take(lines).map(String::from).collect();
+    tail.push(format!("{}:", path.display()));
+    tail.reverse();
+    tail
+}
+
 fn check(what: &str, out: &std::process::Output) -> anyhow::Result<()> {
     if out.status.success() {
         return Ok(());
@@ -759,6 +785,31 @@ pub fn slot_name(node_name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_start_error_quotes_the_end_of_the_newest_server_log() {
+        let data = tempfile::tempdir().unwrap();
+        assert_eq!(
+            server_log_tail(data.path(), 2),
+            [format!("no log file in {}/log", data.path().display())]
+        );
+        let log = data.path().join("log");
+        std::fs::create_dir(&log).unwrap();
+        std::fs::write(log.join("startup.log"), "old\n").unwrap();
+        let newest = log.join("postgresql-2026-12-01.log");
+        std::fs::write(&newest, "one\ntwo\nFATAL: the reason\n").unwrap();
+        let file = std::fs::File::options().write(true).open(&newest).unwrap();
+        let later = std::time::SystemTime::now() + Duration::from_secs(60);
+        file.set_modified(later).unwrap();
+        assert_eq!(
+            server_log_tail(data.path(), 2),
+            [
+                format!("{}:", newest.display()),
+                "two".into(),
+                "FATAL: the reason".into()
+            ]
+        );
+    }
 
     #[test]
     fn reads_the_major_version() {
