@@ -16,7 +16,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::time::{clock_gettime, ClockId};
 use nix::unistd::Pid;
 
-use crate::pg::process_alive;
+use crate::pg::{lock_holder, process_alive};
 
 const POLL: Duration = Duration::from_millis(20);
 /// Fence this long before the expiry, like the agent's own watchdog.
@@ -71,12 +71,6 @@ fn read_lease_file(path: &Path) -> Option<(GuardMode, i32)> {
     Some((mode, agent))
 }
 
-fn postmaster_pid(data_dir: &Path) -> Option<i32> {
-    let text = std::fs::read_to_string(data_dir.join("postmaster.pid")).ok()?;
-    let pid = text.lines().next()?.trim().parse().ok()?;
-    process_alive(pid).then_some(pid)
-}
-
 /// The guard's loop; returns when there is nothing left to guard.
 pub fn run(lease_file: &Path, data_dir: &Path) -> anyhow::Result<()> {
     eprintln!(
@@ -95,7 +89,7 @@ pub fn run(lease_file: &Path, data_dir: &Path) -> anyhow::Result<()> {
             continue;
         };
         seen = true;
-        let postmaster = postmaster_pid(data_dir);
+        let postmaster = lock_holder(&data_dir.join("postmaster.pid"));
         if let (GuardMode::Primary { until_ns }, Some(pid)) = (mode, postmaster) {
             if monotonic_ns() + MARGIN_NS >= until_ns {
                 eprintln!("lease-guard: the lease ran out and the agent did not fence; stopping postmaster {pid}");

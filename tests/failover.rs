@@ -44,6 +44,45 @@ async fn rows(cluster: &LocalCluster, id: NodeId) -> Result<i64, String> {
     Ok(rows[0].get(0))
 }
 
+/// A process started by the test, killed when dropped.
+struct Bystander(std::process::Child);
+
+impl Bystander {
+    fn alive(&mut self) -> bool {
+        self.0.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Bystander {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Points the lock files that node `id`'s crashed postmaster left (postmaster.pid and its
+/// socket's) at a live process that is not PostgreSQL: its pid was reused, as happens soon in a
+/// fresh VM or a container.
+fn reuse_postmaster_pid(cluster: &LocalCluster, id: NodeId) -> Bystander {
+    let bystander = Bystander(
+        std::process::Command::new("sleep")
+            .arg("600")
+            .current_dir("/")
+            .spawn()
+            .unwrap(),
+    );
+    let node = cluster.node(id);
+    let socket_lock = node
+        .pg_socket_dir
+        .join(format!(".s.PGSQL.{}.lock", node.pg_port.unwrap()));
+    for lock in [node.pg_data.join("postmaster.pid"), socket_lock] {
+        let text = std::fs::read_to_string(&lock).unwrap();
+        let (_, rest) = text.split_once('\n').unwrap();
+        std::fs::write(&lock, format!("{}\n{rest}", bystander.0.id())).unwrap();
+    }
+    bystander
+}
+
 /// Waits until some node reports a promoted primary of a generation after `generation`.
 async fn wait_for_new_primary(
     cluster: &LocalCluster,
@@ -160,6 +199,7 @@ async fn a_crashed_primary_node_fails_over_by_lease_and_is_rewound_on_return() {
     cluster.kill(1).unwrap();
     cluster.kill_postmaster(1).unwrap();
     let killed = Instant::now();
+    let mut pid_reused = reuse_postmaster_pid(&cluster, 1);
     let (new_primary, view) = wait_for_new_primary(&cluster, 2, 1).await;
     eprintln!(
         "node {new_primary} promoted {:?} after the node crash",
@@ -204,6 +244,10 @@ async fn a_crashed_primary_node_fails_over_by_lease_and_is_rewound_on_return() {
         .unwrap()[0]
         .get(0);
     assert!(in_recovery, "the old primary came back as a standby");
+    assert!(
+        pid_reused.alive(),
+        "the process that took the crashed postmaster's pid was not signalled"
+    );
     wait_rows(&cluster, 1, 120).await;
 }
 

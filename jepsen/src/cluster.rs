@@ -684,11 +684,14 @@ fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The pid of the live postmaster of `data`, from its postmaster.pid.
+/// The pid of the live postmaster of `data`, from its postmaster.pid: a process working in
+/// `data`. A crashed one leaves the file, and its pid may be another process's by now, which
+/// the lab must not signal.
 pub fn postmaster_pid(data: &Path) -> Option<i32> {
     let text = std::fs::read_to_string(data.join("postmaster.pid")).ok()?;
     let pid: i32 = text.lines().next()?.trim().parse().ok()?;
-    process_alive(pid).then_some(pid)
+    let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok()?;
+    (process_alive(pid) && cwd == std::fs::canonicalize(data).ok()?).then_some(pid)
 }
 
 /// Whether `pid` is a live process (a zombie is not: `kill(pid, 0)` would say it is).

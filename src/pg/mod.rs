@@ -477,23 +477,11 @@ impl Pg {
         std::path::PathBuf::from(dir)
     }
 
-    /// Whether a postmaster runs for this data directory (postmaster.pid names a live process).
+    /// Whether a postmaster runs for this data directory ([`lock_holder`] of postmaster.pid).
     pub fn run_state(&self) -> RunState {
-        let pid_file = self.data_dir().join("postmaster.pid");
-        let Ok(text) = std::fs::read_to_string(pid_file) else {
-            return RunState::Stopped;
-        };
-        let Some(pid) = text
-            .lines()
-            .next()
-            .and_then(|l| l.trim().parse::<i32>().ok())
-        else {
-            return RunState::Stopped;
-        };
-        if process_alive(pid) {
-            RunState::Running { pid }
-        } else {
-            RunState::Stopped
+        match lock_holder(&self.data_dir().join("postmaster.pid")) {
+            Some(pid) => RunState::Running { pid },
+            None => RunState::Stopped,
         }
     }
 
@@ -528,11 +516,7 @@ impl Pg {
             .socket_dir
             .join(format!(".s.PGSQL.{}.lock", self.port()));
         for lock in [self.data_dir().join("postmaster.pid"), socket_lock] {
-            let Ok(text) = std::fs::read_to_string(&lock) else {
-                continue;
-            };
-            let owner = text.lines().next().and_then(|l| l.trim().parse().ok());
-            if owner.is_some_and(process_alive) {
+            if !lock.exists() || lock_holder(&lock).is_some() {
                 continue;
             }
             match std::fs::remove_file(&lock) {
@@ -662,6 +646,23 @@ impl Pg {
         }
         Ok(())
     }
+}
+
+/// The live postmaster holding `lock` (postmaster.pid, or its socket's `.lock`): both name its
+/// pid, then its data directory, in which a postmaster works (`/proc/<pid>/cwd`). A crash leaves
+/// the file behind, and its pid may soon be another process's: pids are reused, in a fresh VM
+/// or a container within minutes. Such a process must neither be taken for PostgreSQL (the node
+/// would wait for a server that is gone) nor be signalled, nor keep PostgreSQL from starting.
+/// PostgreSQL runs as this agent's OS user, or the agent is root: a process whose working
+/// directory it cannot read is not the postmaster. A standalone backend (`postgres --single`)
+/// writes its pid negated.
+pub fn lock_holder(lock: &Path) -> Option<i32> {
+    let text = std::fs::read_to_string(lock).ok()?;
+    let mut lines = text.lines();
+    let pid = lines.next()?.trim().parse::<i32>().ok()?.checked_abs()?;
+    let data_dir = std::fs::canonicalize(lines.next()?.trim()).ok()?;
+    let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok()?;
+    (process_alive(pid) && cwd == data_dir).then_some(pid)
 }
 
 /// Whether `pid` is a live process. A killed postmaster stays a zombie until whoever inherited
@@ -837,7 +838,7 @@ mod tests {
     }
 
     #[test]
-    fn lock_files_of_a_dead_or_zombie_postmaster_are_removed_and_a_live_ones_kept() {
+    fn lock_files_are_kept_only_for_a_live_process_working_in_their_data_directory() {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("pgdata");
         std::fs::create_dir(&data).unwrap();
@@ -870,10 +871,52 @@ mod tests {
         assert!(!pid_file.exists() && !socket_lock.exists());
         child.wait().unwrap();
 
-        // Another live process owns the socket's lock: it stays.
-        std::fs::write(&socket_lock, format!("{}\n", std::process::id())).unwrap();
+        // A live process working elsewhere took the pid of a crashed postmaster: it is not
+        // PostgreSQL, and the lock files are stale.
+        let elsewhere = Sleeper::in_dir(dir.path());
+        write_locks(elsewhere.pid());
+        assert_eq!(pg.run_state(), RunState::Stopped);
         pg.remove_stale_lock_files().unwrap();
-        assert!(socket_lock.exists());
+        assert!(!pid_file.exists() && !socket_lock.exists());
+
+        // A process working in the data directory holds its locks (a postmaster; its pid is
+        // negated when it is a standalone backend).
+        let postmaster = Sleeper::in_dir(&data);
+        write_locks(postmaster.pid());
+        assert_eq!(
+            pg.run_state(),
+            RunState::Running {
+                pid: postmaster.pid()
+            }
+        );
+        write_locks(-postmaster.pid());
+        pg.remove_stale_lock_files().unwrap();
+        assert!(pid_file.exists() && socket_lock.exists());
+    }
+
+    /// A `sleep` working in a folder, killed when dropped.
+    struct Sleeper(std::process::Child);
+
+    impl Sleeper {
+        fn in_dir(dir: &Path) -> Sleeper {
+            let child = std::process::Command::new("sleep")
+                .arg("600")
+                .current_dir(dir)
+                .spawn()
+                .unwrap();
+            Sleeper(child)
+        }
+
+        fn pid(&self) -> i32 {
+            self.0.id() as i32
+        }
+    }
+
+    impl Drop for Sleeper {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
     }
 
     #[test]
