@@ -186,9 +186,10 @@ pub async fn keep_lease(
 ) {
     let ttl = Duration::from_millis(timing.lease_ttl_ms);
     let interval = Duration::from_millis(timing.lease_renew_interval_ms);
+    let names_me = |state: &ClusterState| state.primary == Some(me) && !state.primary_resigned;
     loop {
         let state = store.cluster_state();
-        if state.primary == Some(me) && !state.primary_resigned {
+        if names_me(&state) {
             let generation = state.generation;
             lease.note_primary(generation);
             let started = Instant::now();
@@ -205,6 +206,15 @@ pub async fn keep_lease(
                     Outcome::NoOp { reason } => {
                         tracing::warn!("lease renewal refused: {reason}");
                         lease.set(LeaseState::Lost);
+                        // Once this node has applied the refusal too, its state names the
+                        // primary of the generation, and the next turn tells the guard at once
+                        // that this node is not it: the guard stops any postmaster of a lost
+                        // lease, such as the standby a rejoin starts meanwhile.
+                        if applied_here(&store, applied.log_index, ttl).await
+                            && !names_me(&store.cluster_state())
+                        {
+                            continue;
+                        }
                     }
                 },
                 Ok(Err(e)) => tracing::warn!("cannot renew the lease: {e}"),
@@ -221,6 +231,18 @@ pub async fn keep_lease(
             _ = stop.wait_for(|s| *s) => return,
         }
     }
+}
+
+/// Waits until the local state has applied log entry `index`; false after `timeout`.
+async fn applied_here(store: &StoreView, index: u64, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while store.last_applied_index() < Some(index) {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    true
 }
 
 /// Fences the local PostgreSQL (immediate stop) when it is writable without a live lease.

@@ -90,15 +90,13 @@ pub fn run(lease_file: &Path, data_dir: &Path) -> anyhow::Result<()> {
         };
         seen = true;
         let postmaster = lock_holder(&data_dir.join("postmaster.pid"));
-        if let (GuardMode::Primary { until_ns }, Some(pid)) = (mode, postmaster) {
-            if monotonic_ns() + MARGIN_NS >= until_ns {
-                eprintln!("lease-guard: the lease ran out and the agent did not fence; stopping postmaster {pid}");
-                // Written first, so that the agent never takes the stop for a crash.
-                if let Err(e) = std::fs::write(fenced_marker(lease_file), pid.to_string()) {
-                    eprintln!("lease-guard: cannot write the fenced marker: {e}");
-                }
-                kill(Pid::from_raw(pid), Signal::SIGQUIT).context("signalling the postmaster")?;
+        if let Some(pid) = to_stop(mode, postmaster, monotonic_ns()) {
+            eprintln!("lease-guard: the lease ran out and the agent did not fence; stopping postmaster {pid}");
+            // Written first, so that the agent never takes the stop for a crash.
+            if let Err(e) = std::fs::write(fenced_marker(lease_file), pid.to_string()) {
+                eprintln!("lease-guard: cannot write the fenced marker: {e}");
             }
+            kill(Pid::from_raw(pid), Signal::SIGQUIT).context("signalling the postmaster")?;
         }
         if postmaster.is_none() && !process_alive(agent) {
             eprintln!("lease-guard: agent {agent} and PostgreSQL are gone; exiting");
@@ -156,9 +154,40 @@ pub fn paths(agent_data_dir: &Path) -> (PathBuf, PathBuf) {
     )
 }
 
+/// The postmaster to stop at `now_ns`: the lease file names a primary whose lease ran out, and
+/// `holder` (of postmaster.pid, [`lock_holder`]) is a postmaster. A standalone backend (its pid
+/// negated) takes no connections: the agent runs one for a former primary's crash recovery,
+/// before the lease file says it is no longer the primary.
+fn to_stop(mode: GuardMode, holder: Option<i32>, now_ns: u64) -> Option<i32> {
+    match (mode, holder) {
+        (GuardMode::Primary { until_ns }, Some(pid)) if pid > 0 => {
+            (now_ns + MARGIN_NS >= until_ns).then_some(pid)
+        }
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_postmaster_past_its_primarys_lease_is_stopped() {
+        let ran_out = GuardMode::Primary { until_ns: 1_000 };
+        let now = 1_000 + MARGIN_NS;
+        assert_eq!(to_stop(ran_out, Some(42), now), Some(42));
+        assert_eq!(
+            to_stop(ran_out, Some(-42), now),
+            None,
+            "a standalone backend"
+        );
+        assert_eq!(to_stop(ran_out, None, now), None);
+        assert_eq!(to_stop(GuardMode::Standby, Some(42), now), None);
+        let live = GuardMode::Primary {
+            until_ns: now + MARGIN_NS + 1,
+        };
+        assert_eq!(to_stop(live, Some(42), now), None);
+    }
 
     #[test]
     fn a_restarted_agent_adopts_the_lease_file_and_keeps_its_expiry() {

@@ -44,6 +44,17 @@ async fn rows(cluster: &LocalCluster, id: NodeId) -> Result<i64, String> {
     Ok(rows[0].get(0))
 }
 
+/// A returning former primary's lease file names it primary, with a lease long run out, until
+/// its agent learns otherwise: meanwhile its guard must not stop what the rejoin runs (the crash
+/// recovery in single-user mode, the rewound standby).
+fn assert_guard_stopped_nothing(cluster: &LocalCluster, id: NodeId) {
+    let log = cluster.read_log(id);
+    assert!(
+        !log.contains("lease-guard: the lease ran out"),
+        "node {id}'s guard stopped a PostgreSQL process during the rejoin"
+    );
+}
+
 /// A process started by the test, killed when dropped.
 struct Bystander(std::process::Child);
 
@@ -248,6 +259,7 @@ async fn a_crashed_primary_node_fails_over_by_lease_and_is_rewound_on_return() {
         pid_reused.alive(),
         "the process that took the crashed postmaster's pid was not signalled"
     );
+    assert_guard_stopped_nothing(&cluster, 1);
     wait_rows(&cluster, 1, 120).await;
 }
 
@@ -385,6 +397,7 @@ async fn a_crashed_primary_is_rewound_from_its_own_wal_before_a_spread_checkpoin
         log.contains("of its own WAL from before the fork"),
         "node 1's agent linked its own segments back after pg_rewind"
     );
+    assert_guard_stopped_nothing(&cluster, 1);
     wait_rows(&cluster, 1, 100).await;
 }
 

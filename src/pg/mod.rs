@@ -454,6 +454,7 @@ impl Pg {
         if self.control_state()? != "in production" {
             return Ok(String::new());
         }
+        let started = Instant::now();
         let out = self
             .command("postgres")
             .args(["--single", "-F", "-c", "wal_keep_size=2147483647", "-D"])
@@ -463,7 +464,8 @@ impl Pg {
             .context("running postgres --single for crash recovery")?;
         check("crash recovery (postgres --single)", &out)?;
         Ok(format!(
-            "raftmgr: crash recovery keeping every WAL segment: {}{}",
+            "raftmgr: crash recovery keeping every WAL segment ({} ms): {}{}",
+            started.elapsed().as_millis(),
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         ))
@@ -655,14 +657,15 @@ impl Pg {
 /// would wait for a server that is gone) nor be signalled, nor keep PostgreSQL from starting.
 /// PostgreSQL runs as this agent's OS user, or the agent is root: a process whose working
 /// directory it cannot read is not the postmaster. A standalone backend (`postgres --single`)
-/// writes its pid negated.
+/// writes its pid negated, and is returned so.
 pub fn lock_holder(lock: &Path) -> Option<i32> {
     let text = std::fs::read_to_string(lock).ok()?;
     let mut lines = text.lines();
-    let pid = lines.next()?.trim().parse::<i32>().ok()?.checked_abs()?;
+    let written = lines.next()?.trim().parse::<i32>().ok()?;
+    let pid = written.checked_abs()?;
     let data_dir = std::fs::canonicalize(lines.next()?.trim()).ok()?;
     let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok()?;
-    (process_alive(pid) && cwd == data_dir).then_some(pid)
+    (process_alive(pid) && cwd == data_dir).then_some(written)
 }
 
 /// Whether `pid` is a live process. A killed postmaster stays a zombie until whoever inherited
