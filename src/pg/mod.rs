@@ -479,7 +479,8 @@ impl Pg {
         std::path::PathBuf::from(dir)
     }
 
-    /// Whether a postmaster runs for this data directory ([`lock_holder`] of postmaster.pid).
+    /// Whether a postmaster runs for this data directory ([`lock_holder`] of postmaster.pid;
+    /// the pid is negated for a standalone backend, which `pg_ctl stop` refuses to stop).
     pub fn run_state(&self) -> RunState {
         match lock_holder(&self.data_dir().join("postmaster.pid")) {
             Some(pid) => RunState::Running { pid },
