@@ -5,7 +5,8 @@
 //! Each run starts a fresh cluster, then: wrk on `GET /primary` of the primary's agent, as fast
 //! as it can and paced at the target's 10,000 requests/s, and wrk on `GET /cluster` of the same
 //! agent, each for `duration_secs`; then the time from `kill -9` of the primary's postmaster
-//! until a standby's PostgreSQL answers that it left recovery, once without load and once with
+//! until a standby's PostgreSQL answers that it left recovery (asked every 2 ms over a kept
+//! connection to each standby), once without load and once with
 //! wrk loading `GET /primary` on every agent, as fast as it can or at `--load-rate` requests/s
 //! per agent. Load balancers check at a rate; a flood takes both of this machine's cores and
 //! shows what the CPU left costs a failover. `--wrk-nice` runs wrk at a lower CPU priority,
@@ -68,6 +69,11 @@ pub struct BenchApiArgs {
     /// 'max_requests_per_s = 10000'` (repeatable).
     #[arg(long = "api-setting")]
     pub api_settings: Vec<String>,
+    /// Copy each run's agent and PostgreSQL logs here (`runN-nodeI.log`, `runN-nodeI-pg.log`),
+    /// with the instants of its two faults (`runN-faults.txt`), to see where a failover's time
+    /// went.
+    #[arg(long)]
+    pub keep_logs: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -100,7 +106,7 @@ pub async fn bench_api(args: BenchApiArgs) -> anyhow::Result<()> {
     };
     let mut runs = Vec::new();
     for number in 1..=args.runs {
-        let run = one_run(&binary, &args)
+        let run = one_run(&binary, &args, number)
             .await
             .with_context(|| format!("run {number}"))?;
         println!(
@@ -146,7 +152,11 @@ pub async fn bench_api(args: BenchApiArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn one_run(binary: &std::path::Path, args: &BenchApiArgs) -> anyhow::Result<ApiRun> {
+async fn one_run(
+    binary: &std::path::Path,
+    args: &BenchApiArgs,
+    number: usize,
+) -> anyhow::Result<ApiRun> {
     let options = Options {
         postgres: true,
         api_settings: args.api_settings.clone(),
@@ -162,7 +172,7 @@ async fn one_run(binary: &std::path::Path, args: &BenchApiArgs) -> anyhow::Resul
     let primary_at_target = wrk(&url(1, "/primary"), args, seconds, target_rate).await?;
     let cluster_read = wrk(&url(1, "/cluster"), args, seconds, 0).await?;
 
-    let failover_idle_ms = failover(&cluster, 1).await?;
+    let (failover_idle_ms, idle_fault) = failover(&cluster, 1).await?;
     let new_primary = primary_of(&cluster).await?;
     let old: Vec<NodeId> = ids
         .iter()
@@ -185,11 +195,19 @@ async fn one_run(binary: &std::path::Path, args: &BenchApiArgs) -> anyhow::Resul
         .collect();
     // Let the load settle before the fault.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let failover_loaded_ms = failover(&cluster, new_primary).await?;
+    let (failover_loaded_ms, loaded_fault) = failover(&cluster, new_primary).await?;
     drop(hogs);
     let mut loaded_requests_per_s = 0.0;
     for load in loads {
         loaded_requests_per_s += load.await??.requests_per_s;
+    }
+    if let Some(dir) = &args.keep_logs {
+        let faults = format!(
+            "idle fault (node 1) at unix {:.3}\nloaded fault (node {new_primary}) at unix {:.3}\n",
+            unix_seconds(idle_fault),
+            unix_seconds(loaded_fault)
+        );
+        keep_logs(&cluster, dir, number, &faults)?;
     }
     Ok(ApiRun {
         primary,
@@ -199,6 +217,38 @@ async fn one_run(binary: &std::path::Path, args: &BenchApiArgs) -> anyhow::Resul
         failover_loaded_ms,
         loaded_requests_per_s,
     })
+}
+
+fn unix_seconds(at: std::time::SystemTime) -> f64 {
+    at.duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+}
+
+/// Copies every node's agent log and PostgreSQL logs into `dir`, and writes `faults` beside them.
+fn keep_logs(
+    cluster: &LocalCluster,
+    dir: &std::path::Path,
+    number: usize,
+    faults: &str,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::write(dir.join(format!("run{number}-faults.txt")), faults)?;
+    for id in cluster.ids() {
+        let node = cluster.node(id);
+        std::fs::copy(&node.log, dir.join(format!("run{number}-node{id}.log")))?;
+        let mut pg_log = String::new();
+        let mut files: Vec<_> = std::fs::read_dir(node.pg_data.join("log"))?
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        files.sort();
+        for file in files {
+            pg_log += &std::fs::read_to_string(&file).unwrap_or_default();
+        }
+        std::fs::write(dir.join(format!("run{number}-node{id}-pg.log")), pg_log)?;
+    }
+    Ok(())
 }
 
 /// Busy-loop processes, killed by pid when dropped.
@@ -233,27 +283,38 @@ async fn primary_of(cluster: &LocalCluster) -> anyhow::Result<NodeId> {
     view.state.primary.context("no primary")
 }
 
+/// How often the failover's watcher asks each standby whether it left recovery. The watcher
+/// keeps one connection per standby: a fresh connection per question costs a backend's start,
+/// which grows under load and would be counted as the failover's.
+const WATCH_EVERY: Duration = Duration::from_millis(2);
+
 /// `kill -9` of `old`'s postmaster; the milliseconds until another node's PostgreSQL is out of
 /// recovery (asked directly, not through the loaded API), then that it is the ready primary of
-/// a newer generation.
-async fn failover(cluster: &LocalCluster, old: NodeId) -> anyhow::Result<f64> {
+/// a newer generation; and the wall-clock instant of the kill.
+async fn failover(
+    cluster: &LocalCluster,
+    old: NodeId,
+) -> anyhow::Result<(f64, std::time::SystemTime)> {
     let others: Vec<NodeId> = cluster.ids().into_iter().filter(|id| *id != old).collect();
     let generation = cluster.view(others[0]).await?.state.generation;
-    let fault = Instant::now();
+    let mut standbys = Vec::new();
+    for id in &others {
+        standbys.push(Standby::connect(cluster, *id).await?);
+    }
+    let (fault, fault_at) = (Instant::now(), std::time::SystemTime::now());
     cluster.kill_postmaster(old)?;
-    wait::until(
-        "a standby out of recovery",
-        Duration::from_secs(60),
-        || async {
-            for id in &others {
-                if writable(cluster, *id).await {
-                    return Ok(());
-                }
+    let deadline = fault + Duration::from_secs(60);
+    'watch: loop {
+        for standby in &mut standbys {
+            if standby.writable().await {
+                break 'watch;
             }
-            Err("every other node is still in recovery".to_string())
-        },
-    )
-    .await?;
+        }
+        if Instant::now() >= deadline {
+            bail!("no standby left recovery within 60 s of the fault");
+        }
+        tokio::time::sleep(WATCH_EVERY).await;
+    }
     let elapsed = fault.elapsed();
     wait::until(
         "the new primary's committed report",
@@ -271,19 +332,55 @@ async fn failover(cluster: &LocalCluster, old: NodeId) -> anyhow::Result<f64> {
         },
     )
     .await?;
-    Ok(elapsed.as_secs_f64() * 1000.0)
+    Ok((elapsed.as_secs_f64() * 1000.0, fault_at))
 }
 
-/// Whether node `id`'s PostgreSQL answers that it is not in recovery.
-async fn writable(cluster: &LocalCluster, id: NodeId) -> bool {
-    let conninfo = format!("{} connect_timeout=1", cluster.pg_conninfo(id));
-    let Ok((client, connection)) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await
-    else {
-        return false;
-    };
-    tokio::spawn(connection);
-    let answer = client.query_one("SELECT pg_is_in_recovery()", &[]).await;
-    answer.is_ok_and(|row| !row.get::<_, bool>(0))
+/// A kept connection to a standby's PostgreSQL, opened again when it breaks.
+struct Standby {
+    conninfo: String,
+    client: Option<tokio_postgres::Client>,
+}
+
+impl Standby {
+    async fn connect(cluster: &LocalCluster, id: NodeId) -> anyhow::Result<Standby> {
+        let mut standby = Standby {
+            conninfo: format!("{} connect_timeout=1", cluster.pg_conninfo(id)),
+            client: None,
+        };
+        standby.reconnect().await;
+        anyhow::ensure!(
+            standby.client.is_some(),
+            "cannot connect to node {id}'s PostgreSQL"
+        );
+        Ok(standby)
+    }
+
+    async fn reconnect(&mut self) {
+        self.client = match tokio_postgres::connect(&self.conninfo, tokio_postgres::NoTls).await {
+            Ok((client, connection)) => {
+                tokio::spawn(connection);
+                Some(client)
+            }
+            Err(_) => None,
+        };
+    }
+
+    /// Whether this PostgreSQL answers that it is not in recovery.
+    async fn writable(&mut self) -> bool {
+        if self.client.is_none() {
+            self.reconnect().await;
+        }
+        let Some(client) = &self.client else {
+            return false;
+        };
+        match client.query_one("SELECT pg_is_in_recovery()", &[]).await {
+            Ok(row) => !row.get::<_, bool>(0),
+            Err(_) => {
+                self.client = None;
+                false
+            }
+        }
+    }
 }
 
 /// Runs wrk against `url` and reads its summary: `rate` requests/s, or as many as it can (0).
