@@ -462,3 +462,68 @@ impl Drop for KillOnDrop {
         );
     }
 }
+
+/// A test process killed by a signal (nextest's timeout, a killed run) runs no destructor: its
+/// lab's agents, PostgreSQL servers, network namespaces and folder stay. The next lab to start
+/// removes them, and leaves alone a lab whose test process runs.
+#[tokio::test]
+async fn the_next_lab_removes_a_lab_whose_test_process_died() {
+    use raftmgr_jepsen::cluster::{postmaster_pid, process_alive};
+    use raftmgr_jepsen::orphans::{ProcessId, OWNER_FILE};
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test needs root: the lab it leaves behind has network namespaces"
+    );
+    let options = Options {
+        network: true,
+        ..Options::default()
+    };
+    let orphan = common::replicated_cluster_with(options).await;
+    let dir = orphan.dir().to_path_buf();
+    let ids = orphan.ids();
+    let agents: Vec<i32> = ids
+        .iter()
+        .map(|id| orphan.pid(*id).unwrap() as i32)
+        .collect();
+    let postmasters: Vec<i32> = ids
+        .iter()
+        .map(|id| postmaster_pid(&orphan.node(*id).pg_data).unwrap())
+        .collect();
+    let lab = orphan.network().unwrap();
+    let namespaces: Vec<String> = ids.iter().map(|id| lab.namespace(*id)).collect();
+
+    // Its test process runs: another lab leaves it alone.
+    let beside = LocalCluster::new(Path::new(BINARY), &Options::default()).unwrap();
+    assert!(dir.exists());
+    assert!(agents.iter().chain(&postmasters).all(|p| process_alive(*p)));
+
+    // Its test process dies: the owner file names one that has exited, and nothing drops it.
+    let mut exited = std::process::Command::new("true").spawn().unwrap();
+    let dead = ProcessId::of(exited.id() as i32).unwrap();
+    exited.wait().unwrap();
+    dead.write(&dir.join(OWNER_FILE)).unwrap();
+    std::mem::forget(orphan);
+
+    let next = LocalCluster::new(Path::new(BINARY), &Options::default()).unwrap();
+    assert!(!dir.exists(), "{} is still there", dir.display());
+    for pid in agents.iter().chain(&postmasters) {
+        assert!(
+            !process_alive(*pid),
+            "process {pid} of the dead lab still runs"
+        );
+    }
+    let out = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&out.stdout);
+    for ns in &namespaces {
+        assert!(
+            !listed
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(ns)),
+            "namespace {ns} is still there: {listed}"
+        );
+    }
+    drop((beside, next));
+}

@@ -127,7 +127,11 @@ impl LocalCluster {
     /// Writes every node's configuration; starts nothing.
     pub fn new(binary: &Path, options: &Options) -> anyhow::Result<LocalCluster> {
         anyhow::ensure!(binary.exists(), "no raftmgr binary at {}", binary.display());
-        let dir = tempfile::Builder::new().prefix("raftmgr-lab-").tempdir()?;
+        crate::orphans::sweep();
+        let dir = tempfile::Builder::new()
+            .prefix(crate::orphans::LAB_PREFIX)
+            .tempdir()?;
+        crate::orphans::ProcessId::me().write(&dir.path().join(crate::orphans::OWNER_FILE))?;
         if options.postgres {
             // PostgreSQL's OS user must reach the data folders below it.
             use std::os::unix::fs::PermissionsExt;
@@ -135,7 +139,14 @@ impl LocalCluster {
         }
         let total = options.voters + options.spares;
         let network = if options.network {
-            Some(crate::netns::LabNetwork::create(total as u64)?)
+            let lab = crate::netns::LabNetwork::create(total as u64)?;
+            let names: String = lab
+                .created()
+                .iter()
+                .map(|(kind, name)| format!("{kind} {name}\n"))
+                .collect();
+            std::fs::write(dir.path().join(crate::orphans::NETWORK_FILE), names)?;
+            Some(lab)
         } else {
             None
         };
@@ -325,7 +336,11 @@ impl LocalCluster {
             .stderr(log)
             .spawn()
             .context("starting an agent")?;
+        let agent = crate::orphans::ProcessId::of(child.id() as i32);
         node.child = Some(child);
+        if let Some(agent) = agent {
+            agent.write(&node.config.with_extension(crate::orphans::AGENT_EXTENSION))?;
+        }
         Ok(())
     }
 

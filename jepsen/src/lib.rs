@@ -8,6 +8,7 @@ pub mod chaos;
 pub mod cluster;
 pub mod failover_bench;
 pub mod netns;
+pub mod orphans;
 pub mod procfs;
 pub mod tls;
 pub mod wait;

@@ -193,11 +193,28 @@ impl LabNetwork {
         Ok(())
     }
 
+    /// What this lab created, as `delete` takes it: `("netns", name)` for every namespace, then
+    /// `("link", bridge)`.
+    pub fn created(&self) -> Vec<(&'static str, String)> {
+        (1..=self.nodes)
+            .map(|id| ("netns", self.namespace(id)))
+            .chain([("link", self.bridge())])
+            .collect()
+    }
+
     fn tear_down(&self) {
-        for id in 1..=self.nodes {
-            let _ = run(&["ip", "netns", "del", &self.namespace(id)]);
+        let created = self.created();
+        delete(created.iter().map(|(kind, name)| (*kind, name.as_str())));
+    }
+}
+
+/// Deletes namespaces (`("netns", name)`) and links (`("link", name)`); ignores anything else
+/// and what is already gone.
+pub fn delete<'a>(names: impl Iterator<Item = (&'a str, &'a str)>) {
+    for (kind, name) in names {
+        if matches!(kind, "netns" | "link") {
+            let _ = run(&["ip", kind, "del", name]);
         }
-        let _ = run(&["ip", "link", "del", &self.bridge()]);
     }
 }
 
