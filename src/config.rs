@@ -533,13 +533,7 @@ fn resolve_bin_dir(path: &str, pg: &PostgresSection) -> Result<PathBuf, ConfigEr
             .map(|out| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
             .unwrap_or_else(|| PathBuf::from("/usr/lib/postgresql/15/bin")),
     };
-    for program in [
-        "initdb",
-        "pg_ctl",
-        "postgres",
-        "pg_basebackup",
-        "pg_controldata",
-    ] {
+    for program in ["initdb", "pg_ctl", "postgres", "pg_basebackup", "pg_rewind"] {
         if !dir.join(program).is_file() {
             return Err(ConfigError::Invalid {
                 path: path.to_string(),

@@ -30,14 +30,19 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 const CANDIDATE_PROBE_TIMEOUT: Duration = Duration::from_millis(700);
 /// The decision runs every `decide_interval_ms` and soon after each applied entry (a
 /// resignation is acted on at once), but never sooner than this after its previous run.
-const DECIDE_SPACING: Duration = Duration::from_millis(20);
+const DECIDE_SPACING: Duration = Duration::from_millis(5);
 /// How long a candidate may take to replay what it received before it promotes anyway.
 const REPLAY_WAIT: Duration = Duration::from_secs(10);
 /// Replay that has not moved for this long has replayed every complete record it received.
 const REPLAY_SETTLE: Duration = Duration::from_millis(200);
 /// How long a promotion may take, and how often the executor asks whether it is done.
 const PROMOTE_WAIT: Duration = Duration::from_secs(60);
-const PROMOTE_POLL: Duration = Duration::from_millis(5);
+const PROMOTE_POLL: Duration = Duration::from_millis(2);
+/// How long a promotion may take before the executor asks for it again (see `promote`): a
+/// promotion on this machine takes 20–60 ms.
+const PROMOTE_ASK_AGAIN: Duration = Duration::from_millis(25);
+/// How often a candidate asks whether it has replayed what it received.
+const REPLAY_POLL: Duration = Duration::from_millis(5);
 /// How long a rejoined node's start is retried: a killed postmaster's backends can hold its
 /// shared memory for a moment, and PostgreSQL refuses to start until they are gone.
 const REJOIN_START_WAIT: Duration = Duration::from_secs(15);
@@ -53,6 +58,8 @@ pub struct Lease {
     grace: Duration,
     /// Wakes the renewer at once (a promotion needs a lease before anything else).
     pub wake: Notify,
+    /// Ticks at every change of `state`, for `wait_renewed`.
+    changed: watch::Sender<()>,
     /// Set by the executor from its probes: the local PostgreSQL accepts writes.
     writable: Mutex<bool>,
     /// The watchdog fenced PostgreSQL since the executor last looked.
@@ -86,6 +93,7 @@ impl Lease {
             guard_file,
             grace: Duration::from_millis(timing.lease_ttl_ms - timing.lease_renew_interval_ms),
             wake: Notify::new(),
+            changed: watch::Sender::new(()),
             writable: Mutex::new(false),
             fenced: Mutex::new(false),
             primary_of: Mutex::new(None),
@@ -98,8 +106,28 @@ impl Lease {
             if g == generation && Instant::now() + FENCE_MARGIN < until)
     }
 
+    /// Waits until a renewal for `generation` holds the lease (true), is refused, or `timeout`
+    /// passes (false).
+    pub async fn wait_renewed(&self, generation: u64, timeout: Duration) -> bool {
+        let mut changed = self.changed.subscribe();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.held_for(generation) {
+                return true;
+            }
+            if matches!(*self.state.lock().unwrap(), LeaseState::Lost) {
+                return false;
+            }
+            tokio::select! {
+                _ = changed.changed() => {}
+                _ = tokio::time::sleep_until(deadline) => return false,
+            }
+        }
+    }
+
     fn set(&self, state: LeaseState) {
         *self.state.lock().unwrap() = state;
+        self.changed.send_replace(());
         let Some(path) = &self.guard_file else { return };
         let now = Instant::now();
         let now_ns = guard::monotonic_ns();
@@ -303,6 +331,12 @@ pub async fn decide_loop(
     let mut wake = Wake::new(&raft, every, DECIDE_SPACING);
     let mut last_key = None;
     let mut last_change = Instant::now();
+    let candidates = CandidateClients::default();
+    tokio::spawn(
+        candidates
+            .clone()
+            .keep(raft.clone(), pg.clone(), store.clone(), stop.clone()),
+    );
     while wake.next(&mut stop).await {
         let state = store.cluster_state();
         // Silence is measured from when this agent saw the newest renewal (or generation)
@@ -315,8 +349,7 @@ pub async fn decide_loop(
             last_key = Some(key);
             last_change = Instant::now();
         }
-        let leader = raft.metrics().borrow().state == openraft::ServerState::Leader;
-        if !leader {
+        if !is_leader(&raft) {
             continue;
         }
         let mut view = LeaderView {
@@ -327,13 +360,19 @@ pub async fn decide_loop(
         if decide::failover_reason(&state, &view, &config).is_none() {
             continue;
         }
-        view.probes = probe_candidates(&pg, &state).await;
+        let probing = Instant::now();
+        view.probes = candidates.probe(&pg, &state).await;
         let Some(event) = decide::decide(&state, &view, &config) else {
             tracing::warn!("failover is due but no candidate is eligible");
             continue;
         };
         if let Event::PromotionDecided(d) = &event {
-            tracing::warn!(candidate = d.candidate, "deciding a failover: {}", d.reason);
+            tracing::warn!(
+                candidate = d.candidate,
+                "deciding a failover: {} (candidates probed in {} ms)",
+                d.reason,
+                probing.elapsed().as_millis()
+            );
         }
         match proposer.propose(event).await {
             Ok(applied) => tracing::info!("promotion decision committed: {:?}", applied.outcome),
@@ -342,12 +381,119 @@ pub async fn decide_loop(
     }
 }
 
-/// Asks every standby's PostgreSQL for its WAL position now.
-async fn probe_candidates(
-    pg: &Pg,
-    state: &ClusterState,
-) -> std::collections::BTreeMap<NodeId, CandidateProbe> {
-    let candidates = state
+fn is_leader(raft: &Raft) -> bool {
+    raft.metrics().borrow().state == openraft::ServerState::Leader
+}
+
+/// How often the leader makes sure it has a connection to every standby's PostgreSQL.
+const CANDIDATE_CONNECT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The Raft leader's connections to the standbys' PostgreSQL, for the failover decision's
+/// probes, opened ahead of a failover and kept: a new connection costs the standby a backend's
+/// start and both sides a SCRAM exchange, tens of milliseconds of a failover on a busy host.
+#[derive(Clone, Default)]
+struct CandidateClients(Arc<Mutex<std::collections::BTreeMap<NodeId, KeptClient>>>);
+
+struct KeptClient {
+    conninfo: String,
+    client: Arc<tokio_postgres::Client>,
+}
+
+impl CandidateClients {
+    /// While this node leads: connects to every standby that has no open connection, every
+    /// `CANDIDATE_CONNECT_INTERVAL`, and closes those to nodes that are not standbys any more;
+    /// otherwise holds none.
+    async fn keep(self, raft: Raft, pg: Pg, store: StoreView, mut stop: watch::Receiver<bool>) {
+        loop {
+            if is_leader(&raft) {
+                let state = store.cluster_state();
+                let standbys: Vec<_> = standby_conninfos(&pg, &state).collect();
+                self.0
+                    .lock()
+                    .unwrap()
+                    .retain(|id, _| standbys.iter().any(|(s, _)| s == id));
+                for (id, conninfo) in standbys {
+                    if self.kept(id, &conninfo).is_none() {
+                        if let Ok(client) = probe::connect(&conninfo, PROBE_TIMEOUT).await {
+                            self.put(id, conninfo, client);
+                        }
+                    }
+                }
+            } else {
+                self.0.lock().unwrap().clear();
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(CANDIDATE_CONNECT_INTERVAL) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+    }
+
+    /// The open connection to node `id` at `conninfo`, if there is one.
+    fn kept(&self, id: NodeId, conninfo: &str) -> Option<Arc<tokio_postgres::Client>> {
+        let clients = self.0.lock().unwrap();
+        let kept = clients.get(&id)?;
+        (kept.conninfo == conninfo && !kept.client.is_closed()).then(|| kept.client.clone())
+    }
+
+    fn put(&self, id: NodeId, conninfo: String, client: tokio_postgres::Client) {
+        let client = Arc::new(client);
+        self.0
+            .lock()
+            .unwrap()
+            .insert(id, KeptClient { conninfo, client });
+    }
+
+    /// Asks every standby's PostgreSQL for its WAL position now: over the kept connection, or
+    /// a new one when there is none or it failed.
+    async fn probe(
+        &self,
+        pg: &Pg,
+        state: &ClusterState,
+    ) -> std::collections::BTreeMap<NodeId, CandidateProbe> {
+        let probes = standby_conninfos(pg, state).map(|(id, conninfo)| async move {
+            let kept = match self.kept(id, &conninfo) {
+                Some(client) => probe::status(&client, false, CANDIDATE_PROBE_TIMEOUT)
+                    .await
+                    .ok(),
+                None => None,
+            };
+            let status = match kept {
+                Some(status) => Some(status),
+                None => async {
+                    let client = probe::connect(&conninfo, CANDIDATE_PROBE_TIMEOUT).await?;
+                    let status = probe::status(&client, false, CANDIDATE_PROBE_TIMEOUT).await;
+                    self.put(id, conninfo, client);
+                    status
+                }
+                .await
+                .ok(),
+            };
+            status.map(|s| {
+                (
+                    id,
+                    CandidateProbe {
+                        in_recovery: s.in_recovery,
+                        received_lsn: s.lsn,
+                        replayed_lsn: s.replayed_lsn,
+                    },
+                )
+            })
+        });
+        futures::future::join_all(probes)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+}
+
+/// Every node but the primary, with how to reach its PostgreSQL.
+fn standby_conninfos<'a>(
+    pg: &'a Pg,
+    state: &'a ClusterState,
+) -> impl Iterator<Item = (NodeId, String)> + 'a {
+    state
         .nodes
         .values()
         .filter(|n| Some(n.registration.node_id) != state.primary)
@@ -356,28 +502,7 @@ async fn probe_candidates(
                 n.registration.node_id,
                 pg.peer_conninfo(&n.registration.pg_conninfo, "postgres"),
             )
-        });
-    let probes = candidates.map(|(id, conninfo)| async move {
-        let status = async {
-            let client = probe::connect(&conninfo, CANDIDATE_PROBE_TIMEOUT).await?;
-            probe::status(&client, false, CANDIDATE_PROBE_TIMEOUT).await
-        };
-        status.await.ok().map(|s| {
-            (
-                id,
-                CandidateProbe {
-                    in_recovery: s.in_recovery,
-                    received_lsn: s.lsn,
-                    replayed_lsn: s.replayed_lsn,
-                },
-            )
         })
-    });
-    futures::future::join_all(probes)
-        .await
-        .into_iter()
-        .flatten()
-        .collect()
 }
 
 /// What the executor remembers between ticks.
@@ -415,12 +540,15 @@ pub struct Executor {
 }
 
 impl Executor {
+    /// True when the next step is due at once (see `act`). `client` is the supervisor's open
+    /// connection to the local PostgreSQL, if it has one.
     pub async fn step(
         &self,
         state: &ClusterState,
         status: Option<&PgStatus>,
+        client: Option<&tokio_postgres::Client>,
         memory: &mut ExecutorMemory,
-    ) {
+    ) -> bool {
         if self.lease.take_fenced() {
             memory.expected_down = true;
         }
@@ -434,19 +562,13 @@ impl Executor {
             memory.seen_running = true;
             memory.expected_down = false;
         }
-        let control = if running {
-            None
-        } else {
-            self.control_state().await
-        };
-        let clean = control
-            .as_deref()
-            .is_some_and(|c| c.starts_with("shut down"));
+        let control = if running { None } else { self.control_state() };
+        let clean = control.is_some_and(|c| c.starts_with("shut down"));
         // A fresh base backup carries the primary's control file ("in production") and a
         // backup_label; only without the label did this data directory run as a primary.
         // A data directory left empty by an interrupted re-clone takes the same road: pg_rewind
         // cannot work on it, so the node is cloned again.
-        let was_primary = (matches!(control.as_deref(), Some("in production" | "shut down"))
+        let was_primary = (matches!(control, Some("in production" | "shut down"))
             && !self.pg.data_dir().join("backup_label").exists())
             || (!running && !self.pg.is_initialized());
         let following = self.pg.following();
@@ -488,13 +610,13 @@ impl Executor {
                     tracing::error!("restart failed: {e:#}");
                 }
                 let _ = done.send(restarted.map_err(|e| format!("{e:#}")));
-                return;
+                return false;
             }
             (Some(LocalRequest::Reinitialize), _) => {
                 if let Err(e) = self.reinitialize(state, memory).await {
                     tracing::error!("reinitialize failed: {e:#}");
                 }
-                return;
+                return false;
             }
             _ => reconcile::reconcile(state, self.me, &local),
         };
@@ -505,45 +627,53 @@ impl Executor {
                     tracing::warn!("synchronous standby management: {e:#}");
                 }
             }
-            return;
+            return false;
         };
         if memory.retry_at.is_some_and(|at| Instant::now() < at) {
-            return;
+            return false;
         }
         tracing::info!(?action, "reconciling");
-        match self.act(state, status, &action, memory).await {
-            Ok(()) => {
+        match self.act(state, status, client, &action, memory).await {
+            Ok(again) => {
                 memory.failures = 0;
                 memory.retry_at = None;
+                again
             }
             Err(e) => {
                 let wait = backoff(memory.failures);
                 memory.failures += 1;
                 memory.retry_at = Some(Instant::now() + wait);
                 tracing::error!(?action, "failed (next try in {wait:?}): {e:#}");
+                false
             }
         }
     }
 
-    async fn control_state(&self) -> Option<String> {
-        let pg = self.pg.clone();
-        tokio::task::spawn_blocking(move || pg.control_state())
-            .await
-            .ok()?
-            .ok()
+    fn control_state(&self) -> Option<&'static str> {
+        self.pg.control_state().ok()
     }
 
     async fn act(
         &self,
         state: &ClusterState,
         status: Option<&PgStatus>,
+        client: Option<&tokio_postgres::Client>,
         action: &Action,
         memory: &mut ExecutorMemory,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<bool> {
         let generation = state.generation;
         match action {
-            Action::AcquireLease => self.lease.wake.notify_one(),
-            Action::Promote => self.promote(state).await?,
+            // Where the next action of a failover or switchover is due as soon as this one is
+            // done, the executor steps again at once.
+            Action::AcquireLease => {
+                self.lease.wake.notify_one();
+                let ttl = Duration::from_millis(self.timing.lease_ttl_ms);
+                return Ok(self.lease.wait_renewed(generation, ttl).await);
+            }
+            Action::Promote => {
+                self.promote(state, client).await?;
+                return Ok(true);
+            }
             Action::ReportPromoted => {
                 let event = Event::PromotionCompleted {
                     node_id: self.me,
@@ -551,7 +681,7 @@ impl Executor {
                     timeline: status.and_then(|s| s.timeline),
                     lsn: status.and_then(|s| s.lsn),
                 };
-                self.proposer.propose(event).await?;
+                self.proposer.propose_here(event).await?;
             }
             Action::StartAsPrimary => {
                 let (pg, name) = (self.pg.clone(), self.name.clone());
@@ -570,7 +700,6 @@ impl Executor {
             Action::Resign => {
                 let clean = self
                     .control_state()
-                    .await
                     .is_some_and(|c| c.starts_with("shut down"));
                 let reason = if state.pending_switchover().is_some() {
                     "switchover: its PostgreSQL shut down cleanly after sending all WAL"
@@ -584,7 +713,7 @@ impl Executor {
                     generation,
                     reason: reason.into(),
                 };
-                self.proposer.propose(event).await?;
+                self.proposer.propose_here(event).await?;
             }
             Action::StopForSwitchover => {
                 memory.expected_down = true;
@@ -592,6 +721,7 @@ impl Executor {
                 blocking(move || pg.stop("fast")).await?;
                 self.lease.set_writable(false);
                 tracing::warn!("switchover: PostgreSQL shut down cleanly");
+                return Ok(true); // resign at once
             }
             Action::Fence => {
                 memory.expected_down = true;
@@ -613,7 +743,7 @@ impl Executor {
                 self.rewind(state, *primary).await?;
             }
         }
-        Ok(())
+        Ok(false)
     }
 
     /// A fresh clone from the primary, the data directory kept aside as `<dir>.<aside>-<time>`
@@ -865,8 +995,19 @@ impl Executor {
     }
 
     /// Replays what was received (bounded), then promotes.
-    async fn promote(&self, state: &ClusterState) -> anyhow::Result<()> {
-        let client = probe::connect(&self.pg.local_conninfo(), PROBE_TIMEOUT).await?;
+    async fn promote(
+        &self,
+        state: &ClusterState,
+        client: Option<&tokio_postgres::Client>,
+    ) -> anyhow::Result<()> {
+        let connected;
+        let client = match client {
+            Some(client) if !client.is_closed() => client,
+            _ => {
+                connected = probe::connect(&self.pg.local_conninfo(), PROBE_TIMEOUT).await?;
+                &connected
+            }
+        };
         // Replay everything received. The received position can lie past the last complete
         // record (the dead primary's torn last record), which replay never reaches: so stop
         // waiting once replay has stopped moving, not only once it reaches that position.
@@ -891,7 +1032,7 @@ impl Executor {
             if row.get::<_, bool>(0) || settled || Instant::now() >= deadline {
                 break;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(REPLAY_POLL).await;
         }
         // pg_promote(wait => true) looks only every 100 ms; ask without waiting and watch.
         let asked: bool = client
@@ -900,6 +1041,7 @@ impl Executor {
             .get(0);
         anyhow::ensure!(asked, "pg_promote returned false");
         let deadline = Instant::now() + PROMOTE_WAIT;
+        let mut asked_at = Instant::now();
         while client
             .query_one("SELECT pg_is_in_recovery()", &[])
             .await?
@@ -909,10 +1051,24 @@ impl Executor {
                 Instant::now() < deadline,
                 "PostgreSQL still in recovery {PROMOTE_WAIT:?} after pg_promote"
             );
+            // PostgreSQL 15's startup process, when the request finds it waiting for a new WAL
+            // receiver (its stream from the dead primary just broke), takes the request and then
+            // sleeps out `wal_retrieve_retry_interval` (5 s) before acting on it; asking again
+            // wakes it. Once recovery has ended, pg_promote fails, which changes nothing.
+            if asked_at.elapsed() >= PROMOTE_ASK_AGAIN {
+                let _ = client.query_one("SELECT pg_promote(false)", &[]).await;
+                asked_at = Instant::now();
+            }
             tokio::time::sleep(PROMOTE_POLL).await;
         }
+        // A request that came after the startup process took the first leaves its signal file
+        // (harmless: PostgreSQL removes it when it starts; removed here to leave no trace).
+        let _ = std::fs::remove_file(self.pg.data_dir().join("promote"));
         tracing::warn!("promoted PostgreSQL to primary");
-        tokio::spawn(after_promotion(client, self.slots_to_keep(state)));
+        tokio::spawn(after_promotion(
+            self.pg.local_conninfo(),
+            self.slots_to_keep(state),
+        ));
         let (pg, name) = (self.pg.clone(), self.name.clone());
         blocking(move || pg.write_config(&name, None)).await
     }
@@ -1061,7 +1217,14 @@ struct SlotToKeep {
 ///   until the first checkpoint after a promotion; before it, pg_rewind decides that nothing
 ///   needs rewinding. PostgreSQL's own is spread over minutes; a returning old primary finds
 ///   this one done instead of waiting for it.
-async fn after_promotion(client: tokio_postgres::Client, slots: Vec<SlotToKeep>) {
+async fn after_promotion(conninfo: String, slots: Vec<SlotToKeep>) {
+    let client = match probe::connect(&conninfo, PROBE_TIMEOUT).await {
+        Ok(client) => client,
+        Err(e) => {
+            tracing::warn!("after promotion: cannot connect to PostgreSQL: {e:#}");
+            return;
+        }
+    };
     let fork = match fork_lsn(&client).await {
         Ok(fork) => Some(fork),
         Err(e) => {

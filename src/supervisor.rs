@@ -45,9 +45,11 @@ pub struct Supervisor {
 }
 
 /// After a state change the executor runs at once, but never sooner than this after its
-/// previous step, however often the state changes.
-const MIN_STEP_SPACING: Duration = Duration::from_millis(20);
-/// How often the local postmaster's pid is checked (a file read and a signal 0).
+/// previous step, however often the state changes. A failover's entries come a few
+/// milliseconds apart, and each may be the one this node must act on.
+const MIN_STEP_SPACING: Duration = Duration::from_millis(5);
+/// How often the local postmaster's pid is checked while none runs (a file read and a look
+/// at `/proc`).
 const POSTMASTER_WATCH_INTERVAL: Duration = Duration::from_millis(10);
 
 impl Supervisor {
@@ -172,7 +174,10 @@ impl Supervisor {
                     None
                 }
             };
-            executor.step(&state, status.as_ref(), &mut memory).await;
+            let step = executor.step(&state, status.as_ref(), client.as_ref(), &mut memory);
+            if step.await {
+                wake.again();
+            }
         }
     }
 
@@ -189,22 +194,50 @@ impl Supervisor {
 }
 
 /// Notifies `died` when the local postmaster, seen running, is gone: the executor then steps at
-/// once (a primary resigns) instead of at its next probe, up to `probe_interval_ms` later.
+/// once (a primary resigns) instead of at its next probe, up to `probe_interval_ms` later. A
+/// running postmaster is watched through a pidfd, which wakes this task the moment it exits;
+/// while none runs (or where pidfds are not available) the pid file is read every
+/// `POSTMASTER_WATCH_INTERVAL`.
 async fn watch_postmaster(pg: Pg, died: Arc<Notify>, mut stop: watch::Receiver<bool>) {
-    let mut ticker = tokio::time::interval(POSTMASTER_WATCH_INTERVAL);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut was_running = false;
     loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = stop.wait_for(|s| *s) => return,
-        }
-        let running = matches!(pg.run_state(), RunState::Running { .. });
-        if was_running && !running {
+        let running = pg.run_state();
+        if was_running && running == RunState::Stopped {
             died.notify_one();
         }
-        was_running = running;
+        was_running = running != RunState::Stopped;
+        if let Some(exit) = exit_of_postmaster(&pg, running) {
+            tokio::select! {
+                _ = exit.readable() => continue,
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(POSTMASTER_WATCH_INTERVAL) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
     }
+}
+
+/// A pidfd of the running postmaster, readable once it has exited. The pid is checked again
+/// after the pidfd is open: by then it could have been another process's.
+fn exit_of_postmaster(
+    pg: &Pg,
+    running: RunState,
+) -> Option<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> {
+    // A standalone backend's pid is negated: it is looked at every interval instead.
+    let RunState::Running { pid } = running else {
+        return None;
+    };
+    let process = rustix::process::Pid::from_raw(pid).filter(|_| pid > 0)?;
+    let fd = rustix::process::pidfd_open(process, rustix::process::PidfdFlags::empty()).ok()?;
+    if pg.run_state() != running {
+        return None;
+    }
+    // Deprecated because a `T` whose raw fd could change would be unsound; an `OwnedFd`'s cannot,
+    // and `register`, its replacement, is `unsafe`, which this crate forbids.
+    #[allow(deprecated)]
+    tokio::io::unix::AsyncFd::new(fd).ok()
 }
 
 /// Probes every other registered node's PostgreSQL every `interval`.

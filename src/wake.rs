@@ -20,6 +20,8 @@ pub struct Wake {
     spacing: Duration,
     last_step: Option<Instant>,
     nudge: Option<Arc<Notify>>,
+    /// The next step is due at once.
+    again: bool,
 }
 
 impl Wake {
@@ -33,6 +35,7 @@ impl Wake {
             spacing,
             last_step: None,
             nudge: None,
+            again: false,
         }
     }
 
@@ -42,8 +45,18 @@ impl Wake {
         self
     }
 
+    /// Makes the next step due at once: the step just taken did something the next one acts
+    /// on (a lease acquired, then the promotion it allows).
+    pub fn again(&mut self) {
+        self.again = true;
+    }
+
     /// Waits until the next step is due; `false` once `stop` is set (or Raft has stopped).
     pub async fn next(&mut self, stop: &mut watch::Receiver<bool>) -> bool {
+        if std::mem::take(&mut self.again) {
+            self.last_step = Some(Instant::now());
+            return !*stop.borrow();
+        }
         loop {
             let nudge = self.nudge.clone();
             let nudged = async move {

@@ -377,6 +377,24 @@ impl Proposer {
         }
     }
 
+    /// `propose`, then waits until this member has applied the entry too: the caller's next
+    /// read of the local state includes it, so a loop acting on that state does not propose
+    /// the same event again.
+    pub async fn propose_here(&self, event: Event) -> Result<Applied, ForwardError> {
+        let applied = self.propose(event).await?;
+        self.raft
+            .wait(Some(self.timeout))
+            .applied_index_at_least(Some(applied.log_index), "proposal applied here")
+            .await
+            .map_err(|e| {
+                ForwardError::Failed(format!(
+                    "committed at index {}, not applied here: {e}",
+                    applied.log_index
+                ))
+            })?;
+        Ok(applied)
+    }
+
     /// Waits until this member has applied everything committed before the call: after it,
     /// reading the local state is linearizable (Raft's ReadIndex, served from any member).
     pub async fn read_barrier(&self) -> Result<(), ForwardError> {

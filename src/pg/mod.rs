@@ -488,21 +488,19 @@ impl Pg {
         }
     }
 
-    /// `Database cluster state` from pg_controldata: `in production`, `shut down`,
-    /// `shut down in recovery`, `in archive recovery`, ...
-    pub fn control_state(&self) -> anyhow::Result<String> {
-        let out = self
-            .command("pg_controldata")
-            .arg("-D")
-            .arg(self.data_dir())
-            .output()
-            .context("running pg_controldata")?;
-        check("pg_controldata", &out)?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        text.lines()
-            .find_map(|l| l.strip_prefix("Database cluster state:"))
-            .map(|s| s.trim().to_string())
-            .context("pg_controldata printed no cluster state")
+    /// The `Database cluster state` pg_controldata prints (`in production`, `shut down`,
+    /// `shut down in recovery`, `in archive recovery`, ...), read from `global/pg_control`
+    /// itself: the executor asks on every step while PostgreSQL is down, a failover's first
+    /// steps among them, where running pg_controldata (through runuser: two programs) took
+    /// milliseconds, and more on a busy host.
+    pub fn control_state(&self) -> anyhow::Result<&'static str> {
+        use std::io::Read;
+        let path = self.data_dir().join("global/pg_control");
+        let mut head = [0u8; CONTROL_HEAD];
+        std::fs::File::open(&path)
+            .and_then(|mut file| file.read_exact(&mut head))
+            .with_context(|| format!("reading {}", path.display()))?;
+        control_state_of(&head).with_context(|| format!("reading {}", path.display()))
     }
 
     /// Removes the lock files of a dead postmaster, including one not yet reaped: pg_ctl,
@@ -777,6 +775,32 @@ fn escape_conf(value: &str) -> String {
     value.replace('\\', "\\\\").replace('\'', "''")
 }
 
+/// How much of pg_control `control_state_of` reads: `ControlFileData` begins with
+/// `system_identifier` (8 bytes), `pg_control_version` (4), `catalog_version_no` (4) and
+/// `state` (a `DBState`, 4), in the host's byte order; so it has since PostgreSQL 9.
+const CONTROL_HEAD: usize = 20;
+
+/// The cluster state in the head of a pg_control file, named as pg_controldata names it.
+fn control_state_of(head: &[u8; CONTROL_HEAD]) -> anyhow::Result<&'static str> {
+    let word = |at: usize| u32::from_ne_bytes(head[at..at + 4].try_into().expect("4 bytes"));
+    let version = word(8);
+    // 1300 for PostgreSQL 13 to 16, 1700 for 17: anything else is not a pg_control we know.
+    anyhow::ensure!(
+        (900..10_000).contains(&version),
+        "pg_control_version {version} is not one this agent can read"
+    );
+    Ok(match word(16) {
+        0 => "starting up",
+        1 => "shut down",
+        2 => "shut down in recovery",
+        3 => "shutting down",
+        4 => "in crash recovery",
+        5 => "in archive recovery",
+        6 => "in production",
+        other => anyhow::bail!("unknown cluster state {other} (pg_control_version {version})"),
+    })
+}
+
 /// The replication slot for a node: PostgreSQL allows lower-case letters, digits and '_'.
 pub fn slot_name(node_name: &str) -> String {
     let cleaned: String = node_name
@@ -921,6 +945,68 @@ mod tests {
             let _ = self.0.kill();
             let _ = self.0.wait();
         }
+    }
+
+    #[test]
+    fn the_cluster_state_is_read_from_pg_control_as_pg_controldata_prints_it() {
+        let head = |version: u32, state: u32| {
+            let mut head = [0u8; CONTROL_HEAD];
+            head[8..12].copy_from_slice(&version.to_ne_bytes());
+            head[16..20].copy_from_slice(&state.to_ne_bytes());
+            head
+        };
+        assert_eq!(control_state_of(&head(1300, 6)).unwrap(), "in production");
+        assert_eq!(
+            control_state_of(&head(1700, 2)).unwrap(),
+            "shut down in recovery"
+        );
+        let unknown = control_state_of(&head(1300, 7)).unwrap_err().to_string();
+        assert!(unknown.contains("unknown cluster state 7"), "{unknown}");
+        let garbage = control_state_of(&head(0, 1)).unwrap_err().to_string();
+        assert!(garbage.contains("pg_control_version 0"), "{garbage}");
+
+        // A real data directory, read both ways.
+        let dir = tempfile::tempdir().unwrap();
+        let bin_dir = std::process::Command::new("pg_config")
+            .arg("--bindir")
+            .output()
+            .unwrap()
+            .stdout;
+        let section: crate::config::PostgresSection = toml::from_str(&format!(
+            "data_directory = {:?}\nport = 5999",
+            dir.path().join("pgdata")
+        ))
+        .unwrap();
+        let pg = Pg::new(&crate::config::PgSettings {
+            section,
+            bin_dir: String::from_utf8(bin_dir).unwrap().trim().into(),
+            socket_dir: dir.path().join("socket"),
+            conninfo: String::new(),
+            replication_password: String::new(),
+        })
+        .unwrap();
+        let err = pg.control_state().unwrap_err();
+        assert!(format!("{err:#}").contains("global/pg_control"), "{err:#}");
+        pg.prepare_dirs().unwrap();
+        pg.initdb().unwrap();
+        let out = pg
+            .command("pg_controldata")
+            .arg("-D")
+            .arg(pg.data_dir())
+            .output()
+            .unwrap();
+        let printed = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| {
+                Some(
+                    l.strip_prefix("Database cluster state:")?
+                        .trim()
+                        .to_string(),
+                )
+            })
+            .unwrap();
+        assert_eq!(printed, "shut down");
+        assert_eq!(pg.control_state().unwrap(), printed);
     }
 
     #[test]
