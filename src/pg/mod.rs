@@ -865,21 +865,31 @@ mod tests {
         assert!(!process_alive(pid));
     }
 
+    /// A `Pg` for the data directory `dir/pgdata`, port 5999.
+    fn pg_in(
+        dir: &Path,
+        bin_dir: std::path::PathBuf,
+        socket_dir: std::path::PathBuf,
+        replication_password: &str,
+    ) -> Pg {
+        let data = dir.join("pgdata");
+        let section = toml::from_str(&format!("data_directory = {data:?}\nport = 5999")).unwrap();
+        Pg::new(&crate::config::PgSettings {
+            section,
+            bin_dir,
+            socket_dir,
+            conninfo: String::new(),
+            replication_password: replication_password.into(),
+        })
+        .unwrap()
+    }
+
     #[test]
     fn lock_files_are_kept_only_for_a_live_process_working_in_their_data_directory() {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("pgdata");
         std::fs::create_dir(&data).unwrap();
-        let section: crate::config::PostgresSection =
-            toml::from_str(&format!("data_directory = {:?}\nport = 5999", data)).unwrap();
-        let pg = Pg::new(&crate::config::PgSettings {
-            section,
-            bin_dir: dir.path().into(),
-            socket_dir: dir.path().into(),
-            conninfo: String::new(),
-            replication_password: String::new(),
-        })
-        .unwrap();
+        let pg = pg_in(dir.path(), dir.path().into(), dir.path().into(), "");
         let pid_file = data.join("postmaster.pid");
         let socket_lock = dir.path().join(".s.PGSQL.5999.lock");
         let write_locks = |pid: i32| {
@@ -972,19 +982,8 @@ mod tests {
             .output()
             .unwrap()
             .stdout;
-        let section: crate::config::PostgresSection = toml::from_str(&format!(
-            "data_directory = {:?}\nport = 5999",
-            dir.path().join("pgdata")
-        ))
-        .unwrap();
-        let pg = Pg::new(&crate::config::PgSettings {
-            section,
-            bin_dir: String::from_utf8(bin_dir).unwrap().trim().into(),
-            socket_dir: dir.path().join("socket"),
-            conninfo: String::new(),
-            replication_password: String::new(),
-        })
-        .unwrap();
+        let bin_dir = String::from_utf8(bin_dir).unwrap().trim().into();
+        let pg = pg_in(dir.path(), bin_dir, dir.path().join("socket"), "");
         let err = pg.control_state().unwrap_err();
         assert!(format!("{err:#}").contains("global/pg_control"), "{err:#}");
         pg.prepare_dirs().unwrap();
@@ -1017,19 +1016,12 @@ mod tests {
     #[test]
     fn pg_rewind_asks_its_source_for_no_jit_compilation() {
         let dir = tempfile::tempdir().unwrap();
-        let section: crate::config::PostgresSection = toml::from_str(&format!(
-            "data_directory = {:?}\nport = 5999",
-            dir.path().join("pgdata")
-        ))
-        .unwrap();
-        let pg = Pg::new(&crate::config::PgSettings {
-            section,
-            bin_dir: dir.path().into(),
-            socket_dir: dir.path().into(),
-            conninfo: String::new(),
-            replication_password: "it's secret".into(),
-        })
-        .unwrap();
+        let pg = pg_in(
+            dir.path(),
+            dir.path().into(),
+            dir.path().into(),
+            "it's secret",
+        );
         let conninfo = pg.rewind_source_conninfo("host=10.0.0.2 port=5432");
         let parsed: tokio_postgres::Config = conninfo.parse().unwrap();
         assert_eq!(parsed.get_options(), Some("-c jit=off"), "{conninfo}");
