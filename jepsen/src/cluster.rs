@@ -671,18 +671,51 @@ impl Drop for LocalCluster {
                 let _ = child.kill();
                 let _ = child.wait();
             }
-            // Our agents started it; it outlives them by design.
-            if postmaster_pid(&node.pg_data).is_some() {
-                let _ = pg_command("pg_ctl")
-                    .args(["stop", "-m", "immediate", "-w", "-D"])
-                    .arg(&node.pg_data)
-                    .output();
-            }
+            stop_postgres_of(&node.pg_data);
             if panicking {
                 eprintln!("{}", node.log_tails(40));
             }
         }
     }
+}
+
+/// Stops the PostgreSQL of `data` (our agents started it; it outlives them by design), and
+/// waits until no program works on `data` any more: a `pg_ctl start`, `pg_rewind` or
+/// `pg_basebackup` that a killed agent was running goes on, and could start PostgreSQL or
+/// write files after a single look, while the lab's folder is being removed.
+fn stop_postgres_of(data: &Path) {
+    let deadline = std::time::Instant::now() + STOP_TIMEOUT;
+    loop {
+        if postmaster_pid(data).is_some() {
+            let _ = pg_command("pg_ctl")
+                .args(["stop", "-m", "immediate", "-w", "-D"])
+                .arg(data)
+                .output();
+        }
+        if working_on(data).is_empty() || std::time::Instant::now() >= deadline {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Live processes whose command line names `data`, but for the lease guard, which leaves by
+/// itself once its agent and PostgreSQL are gone, and touches nothing in `data`.
+pub fn working_on(data: &Path) -> Vec<i32> {
+    let needle = data.as_os_str().as_encoded_bytes();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            cmdline.windows(needle.len()).any(|w| w == needle)
+                && !cmdline.windows(11).any(|w| w == b"lease-guard")
+                && process_alive(*pid)
+        })
+        .collect()
 }
 
 /// Writes a private key readable by its owner only.
