@@ -225,15 +225,22 @@ fn exit_of_postmaster(
     pg: &Pg,
     running: RunState,
 ) -> Option<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> {
-    // A standalone backend's pid is negated: it is looked at every interval instead.
     let RunState::Running { pid } = running else {
         return None;
     };
-    let process = rustix::process::Pid::from_raw(pid).filter(|_| pid > 0)?;
-    let fd = rustix::process::pidfd_open(process, rustix::process::PidfdFlags::empty()).ok()?;
-    if pg.run_state() != running {
-        return None;
+    let exit = exit_of(pid)?;
+    (pg.run_state() == running).then_some(exit)
+}
+
+/// A pidfd of process `pid`, readable once it has exited; none for a negated pid (a standalone
+/// backend's, initdb's or a crash recovery's, which is looked at every interval instead) or
+/// where pidfds are not available.
+fn exit_of(pid: i32) -> Option<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> {
+    if pid <= 0 {
+        return None; // `Pid::from_raw` panics on a negative pid.
     }
+    let process = rustix::process::Pid::from_raw(pid)?;
+    let fd = rustix::process::pidfd_open(process, rustix::process::PidfdFlags::empty()).ok()?;
     // Deprecated because a `T` whose raw fd could change would be unsound; an `OwnedFd`'s cannot,
     // and `register`, its replacement, is `unsafe`, which this crate forbids.
     #[allow(deprecated)]
@@ -374,5 +381,41 @@ impl Recorder {
             }
             Err(e) => tracing::warn!("cannot record an observation of node {subject}: {e}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `sleep`, killed when dropped.
+    struct Sleep(std::process::Child);
+
+    impl Drop for Sleep {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    #[tokio::test]
+    async fn an_exit_is_seen_through_a_pidfd_and_a_negated_pid_has_none() {
+        assert!(exit_of(-42).is_none());
+        assert!(exit_of(0).is_none());
+        let mut sleep = Sleep(
+            std::process::Command::new("sleep")
+                .arg("600")
+                .spawn()
+                .unwrap(),
+        );
+        let exit = exit_of(sleep.0.id() as i32).expect("a pidfd of a running process");
+        let early = tokio::time::timeout(Duration::from_millis(50), exit.readable()).await;
+        assert!(early.is_err(), "readable while the process runs");
+        sleep.0.kill().unwrap();
+        let readable = tokio::time::timeout(Duration::from_secs(10), exit.readable()).await;
+        assert!(
+            readable.expect("readable once the process exited").is_ok(),
+            "polling the pidfd failed"
+        );
     }
 }
