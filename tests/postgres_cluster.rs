@@ -527,34 +527,3 @@ async fn the_next_lab_removes_a_lab_whose_test_process_died() {
     }
     drop((beside, next));
 }
-
-/// An agent killed while its `pg_ctl start` runs leaves that start going on: the postmaster
-/// comes up after the agent is gone. Dropping the lab then waits for the start and stops what
-/// it started, and removes the whole folder. (Node 1: the lab tears its nodes down in order,
-/// so the start is still under way when it gets there.)
-#[tokio::test]
-async fn a_postgres_start_under_way_when_the_lab_is_dropped_ends_with_it() {
-    use raftmgr_jepsen::cluster::{pg_command, working_on};
-    let mut cluster = common::replicated_cluster().await;
-    cluster.kill(1).unwrap();
-    let out = cluster.pg_ctl(1, &["stop", "-m", "fast", "-w"]).unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let dir = cluster.dir().to_path_buf();
-    let data = cluster.node(1).pg_data.clone();
-    let mut start = pg_command("pg_ctl")
-        .args(["start", "-w", "-D"])
-        .arg(&data)
-        .arg("-l")
-        .arg(data.join("log").join("late-start.log"))
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    drop(cluster);
-    let _ = start.wait();
-    assert!(!dir.exists(), "{} is still there", dir.display());
-    assert_eq!(
-        working_on(&data),
-        Vec::<i32>::new(),
-        "processes still working on {data:?}"
-    );
-}

@@ -679,43 +679,14 @@ impl Drop for LocalCluster {
     }
 }
 
-/// Stops the PostgreSQL of `data` (our agents started it; it outlives them by design), and
-/// waits until no program works on `data` any more: a `pg_ctl start`, `pg_rewind` or
-/// `pg_basebackup` that a killed agent was running goes on, and could start PostgreSQL or
-/// write files after a single look, while the lab's folder is being removed.
-fn stop_postgres_of(data: &Path) {
-    let deadline = std::time::Instant::now() + STOP_TIMEOUT;
-    loop {
-        if postmaster_pid(data).is_some() {
-            let _ = pg_command("pg_ctl")
-                .args(["stop", "-m", "immediate", "-w", "-D"])
-                .arg(data)
-                .output();
-        }
-        if working_on(data).is_empty() || std::time::Instant::now() >= deadline {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
+/// Stops the PostgreSQL of `data`, if it runs: our agents started it; it outlives them by design.
+pub fn stop_postgres_of(data: &Path) {
+    if postmaster_pid(data).is_some() {
+        let _ = pg_command("pg_ctl")
+            .args(["stop", "-m", "immediate", "-w", "-D"])
+            .arg(data)
+            .output();
     }
-}
-
-/// Live processes whose command line names `data`, but for the lease guard, which leaves by
-/// itself once its agent and PostgreSQL are gone, and touches nothing in `data`.
-pub fn working_on(data: &Path) -> Vec<i32> {
-    let needle = data.as_os_str().as_encoded_bytes();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            cmdline.windows(needle.len()).any(|w| w == needle)
-                && !cmdline.windows(11).any(|w| w == b"lease-guard")
-                && process_alive(*pid)
-        })
-        .collect()
 }
 
 /// Writes a private key readable by its owner only.
@@ -749,7 +720,7 @@ pub fn process_alive(pid: i32) -> bool {
     }
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
-        .and_then(|stat| Some(stat.rsplit_once(')')?.1.trim_start().chars().next()? != 'Z'))
+        .and_then(|stat| Some(crate::procfs::after_name(&stat)?.next()? != "Z"))
         .unwrap_or(false)
 }
 

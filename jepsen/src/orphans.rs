@@ -31,7 +31,7 @@ impl ProcessId {
     pub fn of(pid: i32) -> Option<ProcessId> {
         Some(ProcessId {
             pid,
-            start: start_time(pid)?,
+            start: crate::procfs::start_time(pid)?,
         })
     }
 
@@ -41,7 +41,8 @@ impl ProcessId {
 
     /// Whether this very process still runs (a zombie does not).
     pub fn alive(&self) -> bool {
-        crate::cluster::process_alive(self.pid) && start_time(self.pid) == Some(self.start)
+        crate::cluster::process_alive(self.pid)
+            && crate::procfs::start_time(self.pid) == Some(self.start)
     }
 
     pub fn write(&self, path: &Path) -> std::io::Result<()> {
@@ -56,17 +57,6 @@ impl ProcessId {
             start: start.parse().ok()?,
         })
     }
-}
-
-/// When process `pid` started, in clock ticks since boot (field 22 of `/proc/<pid>/stat`,
-/// counted after the command name, which may hold spaces and parentheses).
-fn start_time(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat[stat.rfind(')')? + 1..]
-        .split_whitespace()
-        .nth(19)?
-        .parse()
-        .ok()
 }
 
 /// Cleans up every lab in the temporary directory whose owner no longer runs. A lab without an
@@ -87,7 +77,7 @@ pub fn sweep() {
 }
 
 /// Kills the lab's agents (those still the processes the lab started), stops its PostgreSQL
-/// servers, deletes its network and removes its folder.
+/// servers as a lab's drop does, deletes its network and removes its folder.
 fn clean_up(dir: &Path) {
     eprintln!("removing {}, a lab whose test process died", dir.display());
     let entries: Vec<_> = std::fs::read_dir(dir)
@@ -102,14 +92,12 @@ fn clean_up(dir: &Path) {
             let _ = kill(Pid::from_raw(agent.pid), Signal::SIGKILL);
         }
     }
-    for path in &entries {
-        let data = path.join("pgdata");
-        if crate::cluster::postmaster_pid(&data).is_some() {
-            let _ = crate::cluster::pg_command("pg_ctl")
-                .args(["stop", "-m", "immediate", "-w", "-D"])
-                .arg(&data)
-                .output();
-        }
+    for data in entries
+        .iter()
+        .map(|p| p.join("pgdata"))
+        .filter(|d| d.is_dir())
+    {
+        crate::cluster::stop_postgres_of(&data);
     }
     if let Ok(network) = std::fs::read_to_string(dir.join(NETWORK_FILE)) {
         crate::netns::delete(network.lines().filter_map(|l| l.split_once(' ')));

@@ -32,12 +32,24 @@ pub fn own_cpu_secs() -> anyhow::Result<f64> {
     cpu_secs(std::process::id())
 }
 
-/// `utime + stime` from a `/proc/<pid>/stat` line. The command name (field 2) is in parentheses
-/// and may contain spaces, so fields are counted after the last `)`: there field 3 (`state`) comes
-/// first, so `utime` (field 14) and `stime` (field 15) are the 12th and 13th.
+/// When process `pid` started, in clock ticks since boot (field 22 of `/proc/<pid>/stat`): with
+/// the pid, it names one process, even after the pid is reused.
+pub fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    after_name(&stat)?.nth(19)?.parse().ok()
+}
+
+/// The fields of a `/proc/<pid>/stat` line after the command name (field 2), which is in
+/// parentheses and may contain spaces: so they are counted after the last `)`, field 3
+/// (`state`) first.
+pub fn after_name(stat: &str) -> Option<std::str::SplitWhitespace<'_>> {
+    Some(stat[stat.rfind(')')? + 1..].split_whitespace())
+}
+
+/// `utime + stime` from a `/proc/<pid>/stat` line: fields 14 and 15, the 12th and 13th after
+/// the command name.
 fn parse_cpu_ticks(stat: &str) -> Option<u64> {
-    let after_name = &stat[stat.rfind(')')? + 1..];
-    let mut fields = after_name.split_whitespace().skip(11);
+    let mut fields = after_name(stat)?.skip(11);
     let utime: u64 = fields.next()?.parse().ok()?;
     let stime: u64 = fields.next()?.parse().ok()?;
     Some(utime + stime)
