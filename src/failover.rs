@@ -1015,38 +1015,32 @@ impl Executor {
         let mut replayed: Option<String> = None;
         let mut still_since = Instant::now();
         loop {
-            let row = client
-                .query_one(
-                    "SELECT pg_last_wal_receive_lsn() IS NULL \
-                     OR pg_last_wal_replay_lsn() >= pg_last_wal_receive_lsn(), \
-                     pg_last_wal_replay_lsn()::text",
-                    &[],
-                )
-                .await?;
-            let now: Option<String> = row.get(1);
+            let row = probe::one_row(
+                client,
+                "SELECT pg_last_wal_receive_lsn() IS NULL \
+                 OR pg_last_wal_replay_lsn() >= pg_last_wal_receive_lsn(), \
+                 pg_last_wal_replay_lsn()::text",
+            )
+            .await?;
+            let now = row.get(1).map(str::to_string);
             if now != replayed {
                 replayed = now;
                 still_since = Instant::now();
             }
             let settled = still_since.elapsed() >= REPLAY_SETTLE;
-            if row.get::<_, bool>(0) || settled || Instant::now() >= deadline {
+            if probe::boolean(row.get(0))? || settled || Instant::now() >= deadline {
                 break;
             }
             tokio::time::sleep(REPLAY_POLL).await;
         }
         // pg_promote(wait => true) looks only every 100 ms; ask without waiting and watch.
-        let asked: bool = client
-            .query_one("SELECT pg_promote(false)", &[])
-            .await?
-            .get(0);
+        let ask = "SELECT pg_promote(false)";
+        let asked = probe::boolean(probe::one_row(client, ask).await?.get(0))?;
         anyhow::ensure!(asked, "pg_promote returned false");
         let deadline = Instant::now() + PROMOTE_WAIT;
         let mut asked_at = Instant::now();
-        while client
-            .query_one("SELECT pg_is_in_recovery()", &[])
-            .await?
-            .get::<_, bool>(0)
-        {
+        let in_recovery = "SELECT pg_is_in_recovery()";
+        while probe::boolean(probe::one_row(client, in_recovery).await?.get(0))? {
             anyhow::ensure!(
                 Instant::now() < deadline,
                 "PostgreSQL still in recovery {PROMOTE_WAIT:?} after pg_promote"
@@ -1056,7 +1050,7 @@ impl Executor {
             // sleeps out `wal_retrieve_retry_interval` (5 s) before acting on it; asking again
             // wakes it. Once recovery has ended, pg_promote fails, which changes nothing.
             if asked_at.elapsed() >= PROMOTE_ASK_AGAIN {
-                let _ = client.query_one("SELECT pg_promote(false)", &[]).await;
+                let _ = probe::one_row(client, ask).await;
                 asked_at = Instant::now();
             }
             tokio::time::sleep(PROMOTE_POLL).await;

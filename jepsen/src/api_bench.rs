@@ -52,14 +52,17 @@ pub struct BenchApiArgs {
     /// The nice value wrk runs at (0: the same priority as the cluster).
     #[arg(long, default_value_t = 0)]
     pub wrk_nice: i32,
-    /// What wrk asks every agent during the loaded failover.
+    /// What wrk asks each loaded agent during the loaded failover.
     #[arg(long, default_value = "/primary")]
     pub load_path: String,
-    /// Requests per second wrk sends each agent during the loaded failover, paced by its
+    /// Requests per second wrk sends each loaded agent during the loaded failover, paced by its
     /// `delay()` hook over `--connections` (0: as fast as it can: a flood, which on this
     /// machine takes every core).
     #[arg(long, default_value_t = 0)]
     pub load_rate: u32,
+    /// Which agents wrk loads during the loaded failover.
+    #[arg(long, value_enum, default_value_t = LoadOn::Every)]
+    pub load_on: LoadOn,
     /// Instead of wrk on every agent, run this many busy loops (at `--wrk-nice`) during the
     /// loaded failover: CPU taken from the cluster without one API request, which tells what
     /// serving the API costs a failover from what sharing the CPU costs it.
@@ -74,6 +77,19 @@ pub struct BenchApiArgs {
     /// went.
     #[arg(long)]
     pub keep_logs: Option<PathBuf>,
+}
+
+/// The agents under load during the loaded failover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LoadOn {
+    /// All three.
+    Every,
+    /// Only the primary's, whose PostgreSQL is then killed: its agent must see the death and
+    /// resign while it serves the load.
+    Primary,
+    /// Only the standbys': one of them decides or is promoted while it serves the load.
+    Standbys,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -95,7 +111,7 @@ pub struct ApiRun {
     /// `kill -9` of the primary's postmaster until a standby left recovery.
     pub failover_idle_ms: f64,
     pub failover_loaded_ms: f64,
-    /// What the three agents answered together meanwhile (`GET /primary`, requests/s).
+    /// What the loaded agents answered together meanwhile (requests/s).
     pub loaded_requests_per_s: f64,
 }
 
@@ -112,7 +128,7 @@ pub async fn bench_api(args: BenchApiArgs) -> anyhow::Result<()> {
         println!(
             "run {number}: /primary {:.0} req/s p50 {:.2} ms p99 {:.2} ms ({} errors), paced \
              {:.0} req/s p99 {:.2} ms; /cluster {:.0} req/s p99 {:.2} ms; failover {:.0} ms \
-             idle, {:.0} ms under load ({:.0} req/s on the three agents)",
+             idle, {:.0} ms under load ({:.0} req/s on {:?} agents)",
             run.primary.requests_per_s,
             run.primary.p50_ms,
             run.primary.p99_ms,
@@ -123,7 +139,8 @@ pub async fn bench_api(args: BenchApiArgs) -> anyhow::Result<()> {
             run.cluster.p99_ms,
             run.failover_idle_ms,
             run.failover_loaded_ms,
-            run.loaded_requests_per_s
+            run.loaded_requests_per_s,
+            args.load_on
         );
         runs.push(run);
     }
@@ -142,6 +159,7 @@ pub async fn bench_api(args: BenchApiArgs) -> anyhow::Result<()> {
         "cpu_hogs": args.cpu_hogs,
         "load_path": args.load_path,
         "load_rate_per_agent": args.load_rate,
+        "load_on": args.load_on,
         "targets": {
             "primary_requests_per_s": TARGET_PRIMARY_REQUESTS_PER_S,
             "primary_p99_ms": TARGET_PRIMARY_P99_MS,
@@ -184,9 +202,13 @@ async fn one_run(
         .await
         .context("the old primary rejoining")?;
     let hogs = CpuHogs::start(args.cpu_hogs, args.wrk_nice)?;
-    let wrk_on: &[NodeId] = if args.cpu_hogs > 0 { &[] } else { &ids };
+    let wrk_on = ids.iter().filter(|id| match args.load_on {
+        _ if args.cpu_hogs > 0 => false,
+        LoadOn::Every => true,
+        LoadOn::Primary => **id == new_primary,
+        LoadOn::Standbys => **id != new_primary,
+    });
     let loads: Vec<_> = wrk_on
-        .iter()
         .map(|id| {
             let url = url(*id, &args.load_path);
             let args = args.clone();
@@ -373,8 +395,11 @@ impl Standby {
         let Some(client) = &self.client else {
             return false;
         };
-        match client.query_one("SELECT pg_is_in_recovery()", &[]).await {
-            Ok(row) => !row.get::<_, bool>(0),
+        // The simple query protocol: one round trip (a prepared query takes two).
+        match client.simple_query("SELECT pg_is_in_recovery()").await {
+            Ok(messages) => messages.iter().any(|m| {
+                matches!(m, tokio_postgres::SimpleQueryMessage::Row(row) if row.get(0) == Some("f"))
+            }),
             Err(_) => {
                 self.client = None;
                 false

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use raftmgr_raft::summary::parse_lsn;
 use raftmgr_raft::{NodeId, Observation, ReplicaStatus};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::{Client, NoTls, SimpleQueryMessage, SimpleQueryRow};
 
 /// What one probe found.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -99,51 +99,81 @@ pub async fn status(
 }
 
 async fn query_status(client: &Client, with_replicas: bool) -> anyhow::Result<PgStatus> {
-    let row = client.query_one(STATUS_SQL, &[]).await?;
-    let in_recovery: bool = row.get(0);
-    let current: Option<String> = row.get(1);
-    let walfile: Option<String> = row.get(2);
-    let received: Option<String> = row.get(3);
-    let replayed: Option<String> = row.get(4);
-    let checkpoint_timeline: Option<i32> = row.get(5);
-    let receiver_timeline: Option<i32> = row.get(6);
-    let wal_receiver: Option<String> = row.get(7);
+    let row = one_row(client, STATUS_SQL).await?;
+    let in_recovery = boolean(row.get(0)).context("pg_is_in_recovery()")?;
+    let number = |i: usize| row.get(i).and_then(|t| t.parse::<u32>().ok());
+    let checkpoint_timeline = number(5);
+    let receiver_timeline = number(6);
 
     let timeline = if in_recovery {
-        receiver_timeline.or(checkpoint_timeline).map(|t| t as u32)
+        receiver_timeline.or(checkpoint_timeline)
     } else {
         // The WAL file name starts with the timeline in hex; the checkpoint's can lag behind a
         // promotion until the next checkpoint.
-        walfile
-            .as_deref()
+        row.get(2)
             .and_then(timeline_of_walfile)
-            .or(checkpoint_timeline.map(|t| t as u32))
+            .or(checkpoint_timeline)
     };
+    let (current, received, replayed) = (row.get(1), row.get(3), row.get(4));
     let lsn = if in_recovery {
-        received.as_deref().or(replayed.as_deref())
+        received.or(replayed)
     } else {
-        current.as_deref()
+        current
     };
     let mut status = PgStatus {
         in_recovery,
         timeline,
         lsn: lsn.and_then(parse_lsn),
-        replayed_lsn: replayed.as_deref().and_then(parse_lsn),
-        wal_receiver,
+        replayed_lsn: replayed.and_then(parse_lsn),
+        wal_receiver: row.get(7).map(str::to_string),
         replicas: Vec::new(),
     };
     if with_replicas {
-        for row in client.query(REPLICAS_SQL, &[]).await? {
-            let replay_lsn: Option<String> = row.get(3);
-            let lag_ms: Option<i64> = row.get(4);
+        for row in rows(client, REPLICAS_SQL).await? {
+            let text = |i: usize| row.get(i).unwrap_or_default().to_string();
             status.replicas.push(ReplicaStatus {
-                name: row.get::<_, Option<String>>(0).unwrap_or_default(),
-                state: row.get::<_, Option<String>>(1).unwrap_or_default(),
-                sync_state: row.get::<_, Option<String>>(2).unwrap_or_default(),
-                replay_lsn: replay_lsn.as_deref().and_then(parse_lsn),
-                replay_lag_ms: lag_ms.map(|ms| ms.max(0) as u64),
+                name: text(0),
+                state: text(1),
+                sync_state: text(2),
+                replay_lsn: row.get(3).and_then(parse_lsn),
+                replay_lag_ms: row
+                    .get(4)
+                    .and_then(|ms| ms.parse::<i64>().ok())
+                    .map(|ms| ms.max(0) as u64),
             });
         }
     }
     Ok(status)
+}
+
+/// The rows `sql` returns, in one round trip: the simple query protocol, columns as text. (A
+/// query with parameters, or `query` with a string, first prepares the statement: a second
+/// round trip, which on a busy host costs a failover milliseconds at every question.)
+pub async fn rows(client: &Client, sql: &str) -> anyhow::Result<Vec<SimpleQueryRow>> {
+    let messages = client.simple_query(sql).await?;
+    Ok(messages
+        .into_iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(row) => Some(row),
+            _ => None,
+        })
+        .collect())
+}
+
+/// The first row `sql` returns, in one round trip (see [`rows`]).
+pub async fn one_row(client: &Client, sql: &str) -> anyhow::Result<SimpleQueryRow> {
+    rows(client, sql)
+        .await?
+        .into_iter()
+        .next()
+        .with_context(|| format!("no row from {sql:?}"))
+}
+
+/// A boolean column as the simple query protocol sends it: `t` or `f`.
+pub fn boolean(text: Option<&str>) -> anyhow::Result<bool> {
+    match text {
+        Some("t") => Ok(true),
+        Some("f") => Ok(false),
+        other => anyhow::bail!("expected a boolean, got {other:?}"),
+    }
 }
