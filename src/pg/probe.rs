@@ -149,7 +149,7 @@ async fn query_status(client: &Client, with_replicas: bool) -> anyhow::Result<Pg
 /// The rows `sql` returns, in one round trip: the simple query protocol, columns as text. (A
 /// query with parameters, or `query` with a string, first prepares the statement: a second
 /// round trip, which on a busy host costs a failover milliseconds at every question.)
-pub async fn rows(client: &Client, sql: &str) -> anyhow::Result<Vec<SimpleQueryRow>> {
+async fn rows(client: &Client, sql: &str) -> anyhow::Result<Vec<SimpleQueryRow>> {
     let messages = client.simple_query(sql).await?;
     Ok(messages
         .into_iter()
@@ -160,7 +160,7 @@ pub async fn rows(client: &Client, sql: &str) -> anyhow::Result<Vec<SimpleQueryR
         .collect())
 }
 
-/// The first row `sql` returns, in one round trip (see [`rows`]).
+/// The first row `sql` returns, in one round trip (see `rows`).
 pub async fn one_row(client: &Client, sql: &str) -> anyhow::Result<SimpleQueryRow> {
     rows(client, sql)
         .await?
